@@ -13,7 +13,6 @@ file raises `SafetensorsError` naming the file and the problem.
 import json
 import os
 import tempfile
-import warnings
 
 import numpy as np
 import torch
@@ -65,20 +64,21 @@ def read_header(path):
 
 
 def load(path):
-    """Returns ({name: tensor}, metadata). Tensors are read-only views on a memory map."""
+    """Returns ({name: tensor}, metadata). Tensors are copy-on-write views on a memory map."""
     header, metadata, start = read_header(path)
     tensors = {}
     if not header:
         return tensors, metadata
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    # mode "c" (copy-on-write): the model may write into its weights (SVF swaps them in place)
+    # without touching the file; pages that are only read stay shared with the page cache.
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
     for name, info in header.items():
         begin, end = info["data_offsets"]
         buf = mm[start + begin:start + end]
-        # torch.frombuffer warns about read-only memory; the tensors are only ever read or copied.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]) if end > begin else \
-                torch.empty(0, dtype=DTYPES[info["dtype"]])
+        if end > begin:
+            t = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]])
+        else:
+            t = torch.empty(0, dtype=DTYPES[info["dtype"]])
         tensors[name] = t.reshape(info["shape"])
     return tensors, metadata
 

@@ -1,0 +1,411 @@
+"""A Llama-family transformer written from scratch, loading Hugging Face checkpoint directories.
+
+Covers Llama 2/3 (incl. Llama-3 RoPE scaling), Mistral, Qwen2 (q/k/v biases) and SmolLM2:
+RMSNorm, rotary position embeddings in the Hugging Face "split halves" layout, grouped-query
+attention, a SwiGLU MLP and optionally tied input/output embeddings.
+
+Module names copy the Hugging Face keys (`model.layers.0.self_attn.q_proj.weight`, ...), so loading a
+checkpoint is one loop with shape checks, and so does everything that addresses a weight by name
+(svf.py decomposes `mlp.*_proj` and `self_attn.*_proj`).
+
+Talk to the default model (SmolLM2-135M-Instruct, converted on first use by checkpoints.py):
+
+    python model.py --prompt "What is the capital of France?"
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import safetensors_io
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # Llama-3: {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Llama: bias on q, k, v and o
+    qkv_bias: bool = False  # Qwen2: bias on q, k and v only
+    mlp_bias: bool = False
+    sliding_window: int = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source="config.json"):
+        """Reads a Hugging Face config.json dict; refuses what this file does not implement."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED:
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
+                             f"this implementation covers {', '.join(SUPPORTED)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (expected silu)")
+        # Newer files put rope_theta and the scaling inside "rope_parameters"; older ones write
+        # rope_theta at the top level and the scaling as "rope_scaling".
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected default or llama3)")
+        # Mistral and Qwen2 may attend within a sliding window; we attend to the whole context,
+        # which is the same for sequences shorter than the window (generate() checks that).
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in cfg.items() if k in known}
+        kwargs.update(rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None,
+                      head_dim=cfg.get("head_dim") or 0, qkv_bias=model_type == "qwen2")
+        kwargs["sliding_window"] = window
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 as the reference implementation does, then cast back
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config):
+    """Inverse frequencies theta_i = base^(-2i/d), with Llama-3's long-context rescaling if set."""
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    s = config.rope_scaling
+    if s:  # Llama 3.1: stretch low frequencies by `factor`, keep high ones, blend in between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq.float()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv_bias = c.attention_bias or c.qkv_bias
+        self.q_proj = nn.Linear(c.hidden_size, self.nh * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): all keys so far
+        # grouped-query attention: each group of nh/nkv query heads shares one key/value head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.nh != self.nkv)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+
+    def forward(self, x):  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus which positions hold real tokens."""
+
+    def __init__(self, config, batch_size, max_len, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions filled so far (padding included)
+
+    def update(self, layer, k, v):
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# ----------------------------------------------------------------------------- the model
+
+class LlamaModel(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab). attention_mask (B, T): 1 real token, 0 padding.
+
+        With a cache, the T new tokens are appended after cache.length earlier positions.
+        Padding is allowed on the left only, as generate() makes it.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        real = torch.ones(B, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask.bool()
+        if cache is not None:
+            cache.key_mask[:, past:past + T] = real
+            key_mask = cache.key_mask[:, :past + T]  # (B, S)
+        else:
+            key_mask = real
+        # Position of each token = number of real tokens before it, so left padding shifts nothing.
+        positions = (key_mask.long().cumsum(1)[:, past:] - 1).clamp(min=0)  # (B, T)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd), broadcast over heads
+        dtype = self.model.embed_tokens.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+        mask = None  # None: plain causal attention (SDPA's fast path)
+        if not bool(key_mask.all()) or (past > 0 and T > 1):
+            S = past + T
+            q_pos = torch.arange(past, S, device=input_ids.device)
+            causal = torch.arange(S, device=input_ids.device)[None, :] <= q_pos[:, None]  # (T, S)
+            # every query also sees itself, so that rows of pure padding never softmax over nothing
+            self_key = torch.arange(S, device=input_ids.device)[None, :] == q_pos[:, None]
+            mask = (causal[None] & key_mask[:, None, :]) | self_key[None]  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.model.norm(x))  # (B, T, vocab)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_state_dict(path):
+    """Reads model.safetensors or a sharded model.safetensors.index.json from a checkpoint dir."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: expected model.safetensors or model.safetensors.index.json; "
+                                f"found {sorted(os.listdir(path))}")
+    state = {}
+    for name in files:
+        state.update(safetensors_io.load(os.path.join(path, name))[0])
+    return state
+
+
+def load_model(path=None, dtype=torch.float32, device="cpu"):
+    """Builds the model of a Hugging Face checkpoint directory. None: the default checkpoint.
+
+    Returns (model, config). Weights are memory-mapped and, when the file's dtype already matches,
+    used in place (`assign=True`), so the model costs one copy of memory.
+    """
+    import checkpoints  # the default checkpoint lives there; imported late to keep model.py standalone
+    path = checkpoints.resolve_model(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = ModelConfig.from_hf(json.load(f), source=os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = load_state_dict(path)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(expected[k])}"
+                 for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{path}: checkpoint does not match its config.json\n"
+                         f"  missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
+                         f"  unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
+                         f"  mis-shaped: {misshaped[:10]}")
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config).to(device)
+    return model.eval(), config
+
+
+# ----------------------------------------------------------------------------- generation
+
+def left_pad(sequences, pad_id, device):
+    """list of token lists -> (ids (B, T), mask (B, T)), padded on the left."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), T, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s)
+            mask[i, T - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, vocab) -> next tokens (B,). Greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
+             pad_id=0, generator=None):
+    """Batched generation with a KV cache. prompts: list of token lists.
+
+    Returns the new tokens of each prompt, up to and excluding the first stop token.
+    """
+    device = model.inv_freq.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T = ids.shape
+    window = getattr(model.config, "sliding_window", None)
+    if window and T + max_new_tokens > window:
+        raise ValueError(f"sequence of {T + max_new_tokens} tokens exceeds the sliding window "
+                         f"{window}, which this implementation does not apply")
+    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = []
+    logits = model(ids, mask, cache)[:, -1]  # prefill: (B, vocab) at the last prompt token
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, generator)  # (B,)
+        steps.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        logits = model(nxt[:, None], None, cache)[:, -1]  # decode one token
+    out = []
+    for row in (torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]):
+        hits = [j for j, t in enumerate(row) if t in stop_tokens]
+        out.append(row[:hits[0]] if hits else row)
+    return out
+
+
+def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_logits=False):
+    """Log-probabilities of each completion token given its prompt, with gradients enabled.
+
+    prompts, completions: lists of token lists. Returns (logprobs (B, L), mask (B, L)) where L is the
+    longest completion and mask marks real completion tokens; with return_logits also the logits
+    (B, L, vocab) that predicted them (the KL penalty of reinforce.py needs the whole distribution).
+    `forward` replaces model.__call__, e.g. a torch.func.functional_call with SVF weights.
+    """
+    forward = forward or model
+    device = model.inv_freq.device
+    L = max(max(len(c) for c in completions), 1)
+    # left-pad the prompts and right-pad the completions so every completion starts at one column
+    seqs = [p + c + [pad_id] * (L - len(c)) for p, c in zip(prompts, completions)]
+    ids, mask = left_pad(seqs, pad_id, device)
+    P = ids.shape[1] - L  # column of the first completion token
+    comp_mask = torch.zeros(len(seqs), L, dtype=torch.bool, device=device)
+    for i, c in enumerate(completions):
+        comp_mask[i, :len(c)] = True
+    logits = forward(ids, mask)[:, P - 1:-1]  # (B, L, vocab): position t predicts token t + 1
+    targets = ids[:, P:]  # (B, L)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    logp = logp * comp_mask
+    return (logp, comp_mask, logits) if return_logits else (logp, comp_mask)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    from tokenizer import Tokenizer
+    ap = argparse.ArgumentParser(description="Chat with a Llama-family checkpoint.")
+    ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+
+    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    import checkpoints
+    tok = Tokenizer.from_dir(checkpoints.resolve_model(args.model))
+    prompt = tok.chat([{"role": "user", "content": args.prompt}])
+    t0 = time.perf_counter()
+    new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
+                   tok.pad_id, torch.Generator().manual_seed(args.seed))[0]
+    dt = time.perf_counter() - t0
+    print(tok.decode(new))
+    print(f"[{len(prompt)} prompt tokens, {len(new)} new tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()

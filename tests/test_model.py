@@ -1,0 +1,226 @@
+"""model.py against a naive reference written here, plus cache, padding, loading and the real model."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import safetensors_io
+from model import ModelConfig, generate, load_model, token_logprobs
+
+KINDS = ["llama", "qwen2", "llama3"]
+
+
+def reference_forward(model, ids):
+    """The same network written as plainly as possible: no cache, no masks, loops over heads."""
+    c, sd = model.config, dict(model.named_parameters())
+    T, hd = ids.shape[0], c.head_dim
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.rms_norm_eps)
+
+    def linear(x, name):
+        y = x @ sd[name + ".weight"].T
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    inv_freq = [c.rope_theta ** (-2 * i / hd) for i in range(hd // 2)]
+    if c.rope_scaling:  # Llama 3.1, written as the three cases of the reference code
+        s = c.rope_scaling
+        lo_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        hi_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        scaled = []
+        for f in inv_freq:
+            wl = 2 * math.pi / f
+            if wl < hi_wl:
+                scaled.append(f)
+            elif wl > lo_wl:
+                scaled.append(f / s["factor"])
+            else:
+                sm = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (
+                    s["high_freq_factor"] - s["low_freq_factor"])
+                scaled.append((1 - sm) * f / s["factor"] + sm * f)
+        inv_freq = scaled
+
+    def rope(x):  # x (T, hd): rotate the pairs (i, i + hd/2) by pos * inv_freq[i]
+        out = x.clone()
+        for t in range(T):
+            for i, f in enumerate(inv_freq):
+                a, b = x[t, i], x[t, i + hd // 2]
+                cs, sn = math.cos(t * f), math.sin(t * f)
+                out[t, i], out[t, i + hd // 2] = a * cs - b * sn, a * sn + b * cs
+        return out
+
+    x = sd["model.embed_tokens.weight"][ids]
+    group = c.num_attention_heads // c.num_key_value_heads
+    for l in range(c.num_hidden_layers):
+        p = f"model.layers.{l}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q, k, v = (linear(h, p + f"self_attn.{n}_proj") for n in "qkv")
+        heads = []
+        for n in range(c.num_attention_heads):
+            kv = n // group
+            qn = rope(q[:, n * hd:(n + 1) * hd])
+            kn = rope(k[:, kv * hd:(kv + 1) * hd])
+            att = qn @ kn.T / math.sqrt(hd)
+            att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+            heads.append(torch.softmax(att, -1) @ v[:, kv * hd:(kv + 1) * hd])
+        x = x + linear(torch.cat(heads, -1), p + "self_attn.o_proj")
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        gate, up = linear(h, p + "mlp.gate_proj"), linear(h, p + "mlp.up_proj")
+        x = x + linear(gate * torch.sigmoid(gate) * up, p + "mlp.down_proj")
+    x = norm(x, sd["model.norm.weight"])
+    head = sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+    return x @ head.T
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_naive_reference(tiny_checkpoint, kind):
+    model, config = load_model(tiny_checkpoint(kind))
+    ids = torch.randint(0, config.vocab_size, (11,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[None])[0], reference_forward(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_config_variants(tiny_checkpoint):
+    _, qwen = load_model(tiny_checkpoint("qwen2"))
+    assert qwen.qkv_bias and not qwen.attention_bias and qwen.rope_theta == 1e6
+    assert qwen.sliding_window is None  # use_sliding_window: false
+    _, llama3 = load_model(tiny_checkpoint("llama3"))
+    assert llama3.head_dim == 16 and llama3.rope_scaling["factor"] == 8.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kv_cache_matches_full_forward(tiny_checkpoint, kind):
+    from model import KVCache
+    model, config = load_model(tiny_checkpoint(kind))
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(config, 2, 12, torch.float32, "cpu")
+        steps = [model(ids[:, :5], None, cache)]  # a prefill of 5, a chunk of 3, then one at a time
+        steps.append(model(ids[:, 5:8], None, cache))
+        steps += [model(ids[:, t:t + 1], None, cache) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_with_left_padding_equals_rows_alone(tiny_checkpoint, kind):
+    model, config = load_model(tiny_checkpoint(kind))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (7, 2, 12)]
+    together = generate(model, prompts, 10, pad_id=0)
+    alone = [generate(model, [p], 10)[0] for p in prompts]
+    assert together == alone
+    # and the log-probs of a completion do not depend on the other rows' lengths
+    lp, mask = token_logprobs(model, prompts, together)
+    for i, p in enumerate(prompts):
+        lp1, _ = token_logprobs(model, [p], [together[i]])
+        torch.testing.assert_close(lp[i, :len(together[i])], lp1[0], atol=1e-5, rtol=1e-5)
+        assert mask[i].sum() == len(together[i])
+
+
+def test_generate_greedy_equals_argmax_loop(tiny_checkpoint):
+    model, config = load_model(tiny_checkpoint("llama"))
+    seq = [5, 9, 17, 3]
+    expect = []
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(torch.tensor([seq + expect]))[0, -1].argmax().item()
+            expect.append(nxt)
+    assert generate(model, [seq], 8) == [expect]
+    # a stop token ends the row and is not returned
+    assert generate(model, [seq], 8, stop_tokens={expect[3]}) == [expect[:expect.index(expect[3])]]
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint("llama"))
+    run = lambda seed, **kw: generate(model, [[1, 2, 3]], 12, temperature=1.0,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
+    assert run(0) == run(0)
+    assert run(0) != run(1)  # 12 tokens from a 97-word vocabulary at temperature 1
+    assert run(5, top_p=1e-6) == generate(model, [[1, 2, 3]], 12)
+
+
+def test_token_logprobs_match_log_softmax_and_have_gradients(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint("qwen2"))
+    prompt, completion = [4, 8, 15], [16, 23, 42]
+    lp, mask = token_logprobs(model, [prompt], [completion])
+    full = torch.log_softmax(model(torch.tensor([prompt + completion])), -1)[0]
+    expect = torch.stack([full[2 + t, c] for t, c in enumerate(completion)])
+    torch.testing.assert_close(lp[0], expect)
+    lp.sum().backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_load_reports_missing_unexpected_and_misshaped(tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    f = os.path.join(path, "model.safetensors")
+    state, _ = safetensors_io.load(f)
+    state = {k: v.clone() for k, v in state.items()}
+    del state["model.layers.1.mlp.up_proj.weight"]
+    state["model.layers.0.mlp.gate_proj.weight"] = torch.zeros(3, 3)
+    state["model.extra.weight"] = torch.zeros(1)
+    safetensors_io.save(f, state)
+    with pytest.raises(ValueError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "model.layers.1.mlp.up_proj.weight" in msg and "model.extra.weight" in msg
+    assert "model.layers.0.mlp.gate_proj.weight: checkpoint (3, 3), model (80, 48)" in msg
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+])
+def test_unsupported_config_is_named(change, words):
+    from conftest import TINY
+    with pytest.raises(ValueError, match=words):
+        ModelConfig.from_hf(dict(TINY["llama"], **change))
+
+
+def test_safetensors_round_trip(tmp_path):
+    f = str(tmp_path / "t.safetensors")
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
+               "d": torch.randn(2, 2).half(), "empty": torch.zeros(0, 3)}
+    safetensors_io.save(f, tensors, {"task": "arc"})
+    back, meta = safetensors_io.load(f)
+    assert meta == {"task": "arc"}
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # atomic write left nothing
+
+
+def test_safetensors_rejects_malformed_files(tmp_path):
+    f = str(tmp_path / "t.safetensors")
+    safetensors_io.save(f, {"w": torch.randn(64, 64)})
+    raw = open(f, "rb").read()
+    cases = {
+        "truncated": raw[:-100],
+        "tiny": raw[:5],
+        "header past end": (10**6).to_bytes(8, "little") + raw[8:],
+        "not json": raw[:8] + b"{" * (len(raw) - 8),
+        "wrong offsets": raw.replace(b"[0,16384]", b"[0,16380]"),
+        "bad dtype": raw.replace(b'"F32"', b'"F99"'),
+    }
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data)
+        with pytest.raises(safetensors_io.SafetensorsError) as e:
+            safetensors_io.load(str(bad))
+        assert str(bad) in str(e.value), name
+
+
+def test_load_model_wrong_path_is_clear(tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError)) as e:
+        load_model(str(tmp_path / "nowhere"))
+    assert "nowhere" in str(e.value)
+
+
+def test_default_model_knows_paris(default_model):
+    model, tok = default_model
+    prompt = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
+    answer = tok.decode(generate(model, [prompt], 24, stop_tokens=tok.stop_tokens, pad_id=tok.pad_id)[0])
+    assert "Paris" in answer, answer
