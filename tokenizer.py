@@ -19,10 +19,12 @@ Three choices worth knowing:
     0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, 0xF5-0xFF), and tiktoken aborts with a PanicException
     when a piece needs one. Inside tiktoken we give each such byte a placeholder rank past the
     vocabulary; no merge can involve it, so it comes out as a token of its own, which we then
-    replace by the BPE model's `unk_token` or, when it has none (SmolLM2), drop. That is exactly
-    what the Hugging Face tokenizer does with a character its BPE cannot spell, so ids stay equal
-    to the reference and no input can crash. Of these bytes only six ASCII control characters and
-    the lead bytes of the unassigned planes U+40000-U+BFFFF can occur in a Python string.
+    replace by the BPE model's `unk_token` or, when it has none (SmolLM2), drop. That is what the
+    Hugging Face tokenizer does with a character its BPE cannot spell, so no input can crash and
+    ids stay those of the reference, with one rare exception: Hugging Face drops the byte before
+    merging, so in a piece like ">\\x04'" its neighbours may still merge (">'"), while here they
+    stay apart (">", "'"); both decode to the same text. Of these bytes only six ASCII control
+    characters and the lead bytes of the unassigned planes U+40000-U+BFFFF occur in a str.
   * `decode` never fails: unknown ids are skipped (as Hugging Face does) and bytes that are not
     valid UTF-8, e.g. half a character, become U+FFFD.
 """
@@ -43,7 +45,8 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 #   ` ?\p{N}+` becomes `\p{N}`: a digit is a piece of its own, never with a space before it;
 #   `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])`: the end of a stretch comes before a digit, so trailing
 #   whitespace stays whole there ("a  1" -> "a", "  ", "1", not "a", " ", " ", "1").
-# No other alternative can run into a digit, so matches never cross the cut.
+# No other alternative can run into a digit, so matches never cross the cut. (Digits uses Rust's
+# char::is_numeric, the same categories as \p{N}; only Unicode-version differences could differ.)
 DIGITS_GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
                        r"""|\s+(?![^\s\p{N}])|\s+""")
 
