@@ -110,6 +110,9 @@ def save(path, tensors, metadata=None):
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
