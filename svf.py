@@ -1,0 +1,439 @@
+"""Singular value fine-tuning (SVF), Transformer-Squared section 3.1 (Sun, Cetin, Tang 2025).
+
+Every targeted weight matrix is decomposed once, W = U diag(sigma) Vh, and an *expert* is one vector
+per matrix that rescales the singular values. Only that vector is trained; U, sigma, Vh stay frozen:
+
+    p (r,)  --sigmoid * max_mult-->  z (r,)  -->  W' = U diag(sigma * z) Vh * sum(sigma) / sum(sigma * z)
+
+The recomposition is an autograd Function with a plain PyTorch reference and a fused CUDA kernel
+(kernels/svf_recompose.cu, built on first use) behind one switch, impl = "auto" | "cuda" | "torch".
+
+    python svf.py --count    # SVF parameters next to LoRA, as in the paper's Table 4
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import safetensors_io
+
+# Matrices of one decoder layer, named by their Hugging Face keys. The official code targets the MLP
+# only; the paper's ablation (Table 4) finds MLP + attention best.
+TARGETS = {"mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+           "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
+TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
+CACHE_FORMAT = "transformer2-svd/1"
+EXPERT_FORMAT = "transformer2-svf-expert/1"
+KERNEL_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"svf_recompose.{ext}")
+                  for ext in ("cpp", "cu")]
+
+
+class ExpertMismatch(ValueError):
+    pass
+
+
+def target_names(model, targets="mlp"):
+    """Names of the targeted weights in model order, e.g. ['model.layers.0.mlp.gate_proj.weight', ...]."""
+    if targets not in TARGETS:
+        raise ValueError(f"targets={targets!r}; expected one of {sorted(TARGETS)}")
+    suffixes = tuple(f".{t}.weight" for t in TARGETS[targets])
+    names = [name for name, _ in model.named_parameters() if name.endswith(suffixes)]
+    if not names:
+        raise ValueError(f"the model has no weights ending in {suffixes}")
+    return names
+
+
+# ----------------------------------------------------------------------------- checkpoint identity
+
+def checkpoint_identity(model_dir, samples=16, sample_bytes=4096):
+    """'name@digest' naming a checkpoint directory by its contents, cheap for a checkpoint of any size.
+
+    The digest covers config.json and, for each *.safetensors file, its size, its header (names,
+    dtypes, shapes) and 16 samples of 4 KiB spread over its data. No modification times: copying a
+    checkpoint or converting it again must not orphan the experts trained on it. The samples are
+    there because two fine-tunes of one architecture have identical headers. The name is for
+    people; only the digest is compared (same_checkpoint).
+    """
+    h = hashlib.sha256()
+    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+        h.update(f.read())
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files to identify the checkpoint by")
+    for name in files:
+        path = os.path.join(model_dir, name)
+        _, _, start = safetensors_io.read_header(path)
+        size = os.path.getsize(path)
+        h.update(f"{name}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(start))
+            span = max(size - start - sample_bytes, 0)
+            for i in range(samples):
+                f.seek(start + span * i // (samples - 1))
+                h.update(f.read(sample_bytes))
+    return f"{os.path.basename(os.path.abspath(model_dir))}@{h.hexdigest()[:16]}"
+
+
+def same_checkpoint(a, b):
+    return a.rsplit("@", 1)[-1] == b.rsplit("@", 1)[-1]
+
+
+# ----------------------------------------------------------------------------- decomposition + cache
+
+def cache_dir():
+    return os.environ.get("T2_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transformer2")
+
+
+@torch.no_grad()
+def decompose(W):
+    """W (m, n) -> U (m, r), sigma (r,), Vh (r, n), r = min(m, n): the thin SVD in float32."""
+    U, sigma, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return U.contiguous(), sigma.contiguous(), Vh.contiguous()
+
+
+def _check_cache(path, identity, targets, weights):
+    """Returns the factors in `path` if they belong to these weights; raises ValueError saying why not."""
+    tensors, meta = safetensors_io.load(path)
+    found = (meta.get("format"), meta.get("checkpoint"), meta.get("targets"))
+    if found != (CACHE_FORMAT, identity, targets):
+        raise ValueError(f"it holds {found}, expected {(CACHE_FORMAT, identity, targets)}")
+    factors = {}
+    g = torch.Generator().manual_seed(0)
+    for name, W in weights.items():
+        try:
+            U, sigma, Vh = (tensors[f"{name}.{k}"] for k in ("U", "sigma", "Vh"))
+        except KeyError as e:
+            raise ValueError(f"it lacks {e}") from None
+        (m, n), r = W.shape, min(W.shape)
+        if (U.shape, sigma.shape, Vh.shape) != ((m, r), (r,), (r, n)):
+            raise ValueError(f"{name}: factors of shapes {U.shape} {sigma.shape} {Vh.shape} for W {W.shape}")
+        # Spot check: 8 random entries of U diag(sigma) Vh against the weights the model holds now, so
+        # that a checkpoint changed under an unchanged identity is noticed. The tolerance admits the
+        # float32 SVD error and bfloat16 rounding (a model loaded in bf16), not different weights.
+        i, j = torch.randint(m, (8,), generator=g), torch.randint(n, (8,), generator=g)
+        approx = ((U[i] * sigma) * Vh[:, j].T).sum(1)
+        exact = W.detach()[i.to(W.device), j.to(W.device)].float().cpu()
+        if not torch.allclose(approx, exact, rtol=1e-2, atol=1e-4 * float(sigma[0])):
+            raise ValueError(f"{name}: the factors do not reproduce the model's weights (stale cache)")
+        factors[name] = (U, sigma, Vh)
+    return factors
+
+
+def load_or_decompose(model, identity, targets="mlp", use_cache=True, log=print):
+    """{name: (U, sigma, Vh)} for the targeted weights, from the cache when it is valid.
+
+    Cache file: $T2_CACHE_DIR/svd/<identity>-<targets>.safetensors, memory-mapped (loading costs
+    no copy). A cache that is unreadable or does not match the weights is rebuilt, with a message.
+    """
+    params = dict(model.named_parameters())
+    weights = {name: params[name] for name in target_names(model, targets)}
+    path = os.path.join(cache_dir(), "svd", f"{identity.replace('/', '_')}-{targets}.safetensors")
+    if use_cache and os.path.exists(path):
+        try:
+            return _check_cache(path, identity, targets, weights)
+        except ValueError as e:  # SafetensorsError is a ValueError too
+            log(f"svf: rebuilding the SVD cache {path}: {e}")
+    t0 = time.time()
+    factors = {name: tuple(t.cpu() for t in decompose(W)) for name, W in weights.items()}
+    if use_cache:
+        log(f"svf: decomposed {len(factors)} matrices in {time.time() - t0:.1f}s; caching them in {path}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tensors = {f"{name}.{k}": t for name, f in factors.items() for k, t in zip(("U", "sigma", "Vh"), f)}
+        safetensors_io.save(path, tensors, {"format": CACHE_FORMAT, "checkpoint": identity, "targets": targets})
+    return factors
+
+
+# ----------------------------------------------------------------------------- recomposition
+
+_kernel = {}  # "module" once built, "error" once a build failed: either way we try only once
+
+
+def load_kernel():
+    """Builds kernels/svf_recompose.{cpp,cu} on first use (about a minute; cached by torch after).
+
+    Needs nvcc (CUDA_HOME) and a CUDA build of torch, and TORCH_CUDA_ARCH_LIST where no GPU is
+    visible to pick the architecture from. Raises RuntimeError naming what failed.
+    """
+    if "module" not in _kernel:
+        if "error" in _kernel:
+            raise RuntimeError(f"the SVF CUDA kernel failed to build: {_kernel['error']}")
+        try:
+            if torch.version.cuda is None:
+                raise RuntimeError(f"torch {torch.__version__} is not a CUDA build")
+            if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+                raise RuntimeError("no GPU is visible; set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0') to build")
+            from torch.utils.cpp_extension import load
+            _kernel["module"] = load(name="svf_recompose", sources=KERNEL_SOURCES,
+                                     extra_cuda_cflags=["-O3"], verbose=False)
+        except Exception as e:
+            _kernel["error"] = e
+            raise RuntimeError(f"the SVF CUDA kernel failed to build: {e}") from e
+    return _kernel["module"]
+
+
+class Recompose(torch.autograd.Function):
+    """W = U diag(s) Vh with a gradient for s only: U (m, r), s (r,), Vh (r, n) -> W (m, n).
+
+    Backward: dL/ds[k] = sum_ij G[i,j] U[i,k] Vh[k,j] = diag(U^T G Vh^T)[k], G = dL/dW.
+    The reference computes (G @ Vh^T) * U summed over rows: m*n*r multiply-adds for the product,
+    as many as the forward, and m*r for the rest, the same operations autograd would run through
+    (U * s) @ Vh. Forming U^T G Vh^T as a whole would add r*m*r more work and an (r, r) matrix for r
+    numbers on its diagonal. The kernel goes one step further and never stores the (m, r) product.
+    """
+
+    @staticmethod
+    def forward(ctx, U, s, Vh, impl):
+        ctx.save_for_backward(U, Vh)
+        ctx.impl = impl
+        if impl == "cuda":
+            return load_kernel().recompose(U, s.contiguous(), Vh)
+        return (U * s) @ Vh  # U * s scales column k of U by s[k]: U diag(s)
+
+    @staticmethod
+    def backward(ctx, G):
+        U, Vh = ctx.saved_tensors
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
+        if ctx.impl == "cuda":
+            grad_s = load_kernel().grad_s(G.contiguous(), U, Vh).to(U.dtype)
+        else:
+            grad_s = ((G @ Vh.mT) * U).sum(0)  # (m, r) -> (r,)
+        return None, grad_s, None, None
+
+
+def recompose(U, s, Vh, impl="auto"):
+    """U diag(s) Vh. impl: "torch" (reference), "cuda" (the kernel), "auto" (kernel on CUDA tensors,
+    reference elsewhere, and the reference with one warning if the kernel cannot be built)."""
+    if impl not in ("auto", "cuda", "torch"):
+        raise ValueError(f"impl={impl!r}; expected 'auto', 'cuda' or 'torch'")
+    if impl == "auto":
+        impl = "torch"
+        if U.is_cuda and U.dtype in (torch.float32, torch.bfloat16):
+            try:
+                load_kernel()
+                impl = "cuda"
+            except RuntimeError as e:
+                if not _kernel.get("warned"):
+                    _kernel["warned"] = True
+                    warnings.warn(f"{e}; using the PyTorch reference", stacklevel=2)
+    elif impl == "cuda" and not U.is_cuda:
+        raise ValueError(f"impl='cuda' needs CUDA tensors, found U on {U.device}")
+    return Recompose.apply(U, s.to(U.dtype), Vh, impl)
+
+
+# ----------------------------------------------------------------------------- the SVF wrapper
+
+class _Factors(nn.Module):
+    """The frozen U, sigma, Vh of one matrix, as buffers so that .to(device) moves them."""
+
+    def __init__(self, U, sigma, Vh):
+        super().__init__()
+        for k, t in (("U", U), ("sigma", sigma), ("Vh", Vh)):
+            self.register_buffer(k, t, persistent=False)  # experts store p only
+
+
+@dataclass
+class Expert:
+    p: dict  # {weight name: p (r,)}
+    info: dict = field(default_factory=dict)  # what the training run reported: task, steps, accuracy
+    path: str = ""
+
+
+class SVF(nn.Module):
+    """SVF around a model: frozen U, sigma, Vh per targeted matrix and one trainable p (r,) each.
+
+    svf.parameters() are the p vectors alone (the model is held, not registered as a submodule, and
+    its own weights are frozen). Train with `svf(input_ids)`; infer with `with svf.applied(z): ...`.
+    """
+
+    def __init__(self, model, identity, targets="mlp", max_mult=1.0, seed=0, impl="auto",
+                 dtype=torch.float32, use_cache=True, log=print):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # plain attribute: keeps the model out of parameters()
+        model.requires_grad_(False)  # autograd must reach p and nothing else
+        self.identity, self.targets, self.max_mult, self.impl = identity, targets, max_mult, impl
+        self.names = target_names(model, targets)
+        factors = load_or_decompose(model, identity, targets, use_cache, log)
+        device = model.get_parameter(self.names[0]).device
+        self.factors = nn.ModuleList()
+        for name in self.names:  # sigma stays float32: it is tiny, and s is computed from it
+            U, sigma, Vh = factors[name]
+            self.factors.append(_Factors(U.to(device, dtype), sigma.to(device), Vh.to(device, dtype)))
+        # Official initialisation: p = 0.1 + 0.01 N(0, 1), so sigmoid(p) ~ 0.525 everywhere; the
+        # rescaling below makes W' ~ W all the same. (The official code keeps p in bfloat16.)
+        g = torch.Generator().manual_seed(seed)
+        self.p = nn.ParameterList(nn.Parameter((0.1 + 0.01 * torch.randn(len(f.sigma), generator=g)).to(device))
+                                  for f in self.factors)
+
+    def state(self):
+        """{name: p} detached copies of the trainable vectors (what an expert file stores)."""
+        return {name: p.detach().clone() for name, p in zip(self.names, self.p)}
+
+    @torch.no_grad()
+    def load_state(self, p):
+        self._check_names(p, "p")
+        for name, param in zip(self.names, self.p):
+            param.copy_(p[name])
+
+    def scales(self, p=None):
+        """z = sigmoid(p) * max_mult for each matrix: {name: z (r,)}. p: a dict, default the trainable ones."""
+        p = dict(zip(self.names, self.p)) if p is None else p
+        self._check_names(p, "p")
+        return {name: torch.sigmoid(p[name]) * self.max_mult for name in self.names}
+
+    def weights(self, z=None):
+        """{name: W'} recomposed from the scales z (default: from the trainable p), in the model's dtype.
+
+        Paper, section 3.1: W' = U Sigma' Vh with Sigma' = Sigma diag(z), i.e. singular values sigma * z.
+        Official code, followed here: the same, times sum(sigma) / sum(sigma * z), so that a z that
+        scales every singular value alike leaves W unchanged and W' ~ W at initialisation. Folding
+        that factor into the vector s keeps the matrix product one call.
+        """
+        z = self.scales() if z is None else z
+        self._check_names(z, "z")
+        out = {}
+        for name, f in zip(self.names, self.factors):
+            s = f.sigma * z[name]  # (r,)
+            s = s * (f.sigma.sum() / s.sum())
+            out[name] = recompose(f.U, s, f.Vh, self.impl).to(self.model.get_parameter(name).dtype)
+        return out
+
+    def forward(self, *args, **kwargs):
+        """The model's forward with W' in place of the targeted weights; autograd reaches only p."""
+        return torch.func.functional_call(self.model, self.weights(), args, kwargs)
+
+    @contextlib.contextmanager
+    def applied(self, z=None):
+        """`with svf.applied(z):` the model computes with W'; afterwards it holds its original tensors.
+
+        We swap tensors rather than copy values into them: restoring is then bit-exact by
+        construction, costs nothing, and works on read-only memory-mapped weights. Switching experts
+        never reloads the model. Nesting works: the inner block restores the outer block's weights.
+        """
+        params = {name: self.model.get_parameter(name) for name in self.names}
+        with torch.no_grad():
+            new = self.weights(z)
+        originals = {}
+        try:
+            for name, W in new.items():
+                originals[name] = params[name].data
+                params[name].data = W
+            yield self.model
+        finally:
+            for name, W in originals.items():
+                params[name].data = W
+
+    def mix(self, experts, alpha):
+        """z' = sum_k alpha_k z_k: alpha (K,) one weight per expert, or (K, n_matrices) one per expert and matrix.
+
+        alpha mixes the scales z = sigmoid(p) * max_mult, as the paper writes it, not the raw p. The
+        official few-shot code (WeightedCombination) mixes raw p and then uses the mix as z without
+        the sigmoid, so a one-hot alpha there does not reproduce the expert it selects; here it does,
+        and z' stays linear in alpha. The sum(sigma) / sum(sigma * z) rescaling makes W' blind to a
+        common factor on alpha, so alpha needs no normalisation.
+        """
+        zs = [self.scales(e.p if isinstance(e, Expert) else e) for e in experts]
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=self.p[0].device)
+        if alpha.dim() == 1:
+            alpha = alpha[:, None].expand(len(experts), len(self.names))
+        if alpha.shape != (len(experts), len(self.names)):
+            raise ValueError(f"alpha of shape {tuple(alpha.shape)}; expected ({len(experts)},) or "
+                             f"({len(experts)}, {len(self.names)}) for {len(experts)} experts, {len(self.names)} matrices")
+        return {name: sum(alpha[k, i] * zs[k][name] for k in range(len(experts)))
+                for i, name in enumerate(self.names)}
+
+    # ------------------------------------------------------------------------- expert files
+
+    def save_expert(self, path, p=None, **info):
+        """Writes {name: p} (default: the trainable p) and metadata atomically as safetensors.
+
+        info: what the training run reports (task, steps, val_acc, any JSON-able dict).
+        """
+        p = self.state() if p is None else p
+        self._check_names(p, "p")
+        meta = {"format": EXPERT_FORMAT, "checkpoint": self.identity, "targets": self.targets,
+                "parameterisation": json.dumps({"z": "sigmoid(p) * max_mult", "max_mult": self.max_mult,
+                                                "rescale": "sum(sigma) / sum(sigma * z)"}),
+                "shapes": json.dumps({name: list(self.model.get_parameter(name).shape) for name in self.names}),
+                "info": json.dumps(info, default=str)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        safetensors_io.save(path, {name: t.detach().float().cpu() for name, t in p.items()}, meta)
+
+    def load_expert(self, path):
+        """Reads an expert file made for this checkpoint and targets; raises ExpertMismatch otherwise."""
+        tensors, meta = safetensors_io.load(path)
+        if meta.get("format") != EXPERT_FORMAT:
+            raise ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {EXPERT_FORMAT!r} "
+                                 f"(is it an SVF expert file?)")
+        if not same_checkpoint(meta["checkpoint"], self.identity) or meta["targets"] != self.targets:
+            raise ExpertMismatch(f"{path}: expert was trained for checkpoint {meta['checkpoint']} (targets "
+                                 f"{meta['targets']}), this model is {self.identity} (targets {self.targets})")
+        max_mult = json.loads(meta["parameterisation"])["max_mult"]
+        if max_mult != self.max_mult:
+            raise ExpertMismatch(f"{path}: expert was trained with max_mult={max_mult}, this SVF uses {self.max_mult}")
+        self._check_names(tensors, f"expert {path}")
+        device = self.p[0].device
+        return Expert({name: tensors[name].to(device, copy=True) for name in self.names},
+                      json.loads(meta["info"]), path)
+
+    def _check_names(self, vectors, what):
+        expected = {name: (len(f.sigma),) for name, f in zip(self.names, self.factors)}
+        found = {name: tuple(t.shape) for name, t in vectors.items()}
+        if found != expected:
+            diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
+            raise ExpertMismatch(f"{what} does not fit targets {self.targets!r} of {self.identity}: "
+                                 f"(name, shape) differing from what is expected: {diff}")
+
+
+# ----------------------------------------------------------------------------- parameter count
+
+def count_params(cfg, lora_rank=16):
+    """SVF parameters (one per singular value) for each target set and LoRA on q and v, from config values."""
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or hidden // heads
+    shapes = {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv * hd, hidden),
+              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    counts = {t: layers * sum(min(shapes[m]) for m in TARGETS[t]) for t in TARGETS}
+    counts["attn q,v"] = layers * sum(min(shapes[f"self_attn.{m}_proj"]) for m in "qv")
+    counts["lora"] = layers * sum(lora_rank * sum(shapes[f"self_attn.{m}_proj"]) for m in "qv")
+    return counts
+
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256)
+
+
+def main():
+    ap = argparse.ArgumentParser(description="SVF parameter counts next to LoRA (the paper's Table 4)")
+    ap.add_argument("--count", action="store_true", help="print SVF and LoRA parameter counts")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
+    args = ap.parse_args()
+    if not args.count:
+        ap.error("nothing to do: give --count")
+    import checkpoints  # imported here: the library part of this file never fetches a checkpoint
+    model_dir = args.model or checkpoints.default_model_dir()
+    with open(os.path.join(model_dir, "config.json")) as f:
+        rows = [(os.path.basename(os.path.abspath(model_dir)), count_params(json.load(f))),
+                ("Llama-3-8B-Instruct", count_params(LLAMA3_8B))]
+    M = lambda n: f"{n / 1e6:.2f}M"
+    print(f"{'SVF parameters':28} {'mlp':>8} {'attn':>8} {'all':>8} {'attn q,v':>9}   LoRA r=16 on q,v")
+    for label, c in rows:
+        print(f"{label:28} {M(c['mlp']):>8} {M(c['attn']):>8} {M(c['all']):>8} {M(c['attn q,v']):>9}   {M(c['lora'])}")
+    print(f"{'paper, Table 4 (Llama-3-8B)':28} {'0.39M':>8} {'0.16M':>8} {'0.58M':>8} {'':>9}   6.82M")
+    c = rows[1][1]
+    print(f"attn here is q, k, v and o; the paper's 0.16M equals SVF on q and v only, but then mlp + q,v "
+          f"is {M(c['mlp'] + c['attn q,v'])}, not 0.58M.")
+
+
+if __name__ == "__main__":
+    main()
