@@ -1,0 +1,121 @@
+"""Evaluating a completion function on a task split, and the confidence intervals to read it with.
+
+    def complete_fn(message_lists):          # list of chat prompts -> list of completions
+        return [my_model.chat(m) for m in message_lists]
+
+    result = evaluate(get_task("arc_easy"), "validation", complete_fn, limit=200)
+    print(result.summary())                  # accuracy with its 95% interval, unparsable rate, time
+    result.save("runs/arc_easy-validation.json")
+
+`evaluate` knows nothing about models: `complete_fn` gets a batch of message lists and returns one
+string per list. When a message list ends with an assistant message (a prefill), the completion
+must continue it and return only the continuation.
+
+Base-vs-expert comparisons run both on the same items; `paired_difference(a, b)` gives the
+accuracy difference with a 95% interval for such paired runs, which is much tighter than two
+separate intervals.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+Z95 = 1.959963984540054
+
+
+@dataclass
+class Record:
+    id: str
+    messages: list
+    output: str
+    extracted: object       # the parsed answer; None when the output could not be parsed
+    answer: object          # the gold answer
+    correct: bool
+
+
+@dataclass
+class Result:
+    task: str
+    split: str
+    prompt: str
+    records: list = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def n(self):
+        return len(self.records)
+
+    @property
+    def correct(self):
+        return sum(r.correct for r in self.records)
+
+    @property
+    def accuracy(self):
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def unparsable(self):
+        return sum(r.extracted is None for r in self.records) / self.n if self.n else 0.0
+
+    def ci95(self):
+        return wilson_interval(self.correct, self.n)
+
+    def summary(self):
+        lo, hi = self.ci95()
+        return (f"{self.task}/{self.split} prompt={self.prompt}: accuracy {self.accuracy:.4f} "
+                f"({self.correct}/{self.n}, 95% CI {lo:.4f}-{hi:.4f}), unparsable {self.unparsable:.1%}, "
+                f"{self.wall_s:.1f}s")
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(dict(task=self.task, split=self.split, prompt=self.prompt, accuracy=self.accuracy,
+                           n=self.n, unparsable=self.unparsable, wall_s=self.wall_s,
+                           records=[asdict(r) for r in self.records]), f, indent=1, default=str)
+
+
+def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True):
+    """Runs `complete_fn` on the examples of `split` (or on a list of Examples passed as `split`),
+    the first `limit` of them if given, and scores the outputs. Returns a Result."""
+    examples = task.load(split) if isinstance(split, str) else list(split)
+    examples = examples[:limit] if limit is not None else examples
+    result = Result(task.name, split if isinstance(split, str) else "custom", task.prompt)
+    start = time.perf_counter()
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        outputs = complete_fn([ex.messages for ex in batch])
+        if len(outputs) != len(batch):
+            raise ValueError(f"complete_fn returned {len(outputs)} outputs for {len(batch)} prompts")
+        extracted = [task.extract(out, ex) for ex, out in zip(batch, outputs)]
+        correct = task.score_many(batch, outputs)
+        result.records += [Record(ex.id, ex.messages, out, x, ex.answer, bool(c))
+                           for ex, out, x, c in zip(batch, outputs, extracted, correct)]
+        result.wall_s = time.perf_counter() - start
+        if progress:
+            print(f"{task.name}/{result.split} {result.n}/{len(examples)} | accuracy {result.accuracy:.4f} "
+                  f"| {result.n / result.wall_s:.2f} items/s", flush=True)
+    return result
+
+
+def wilson_interval(k, n, z=Z95):
+    """Wilson score interval for k successes in n trials (good also near 0% and 100%)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def paired_difference(a, b, z=Z95):
+    """Accuracy of b minus accuracy of a over the items both Results share (matched by id), with a
+    normal-approximation 95% interval of the mean per-item difference. Returns (diff, lo, hi, n)."""
+    right_a = {r.id: r.correct for r in a.records}
+    diffs = [int(r.correct) - int(right_a[r.id]) for r in b.records if r.id in right_a]
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("the two results share no items")
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = z * math.sqrt(var / n)
+    return mean, mean - half, mean + half, n

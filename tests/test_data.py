@@ -1,0 +1,252 @@
+"""The data package: registry, data location, splits, ARC and GSM8K scoring, cls, evaluate.
+
+Runs on the real task data, found via $T2_DATA_DIR or ../shared/data next to the repository.
+"""
+
+import functools
+import os
+import re
+
+import pytest
+
+from data import TASKS, DataNotFoundError, evaluate, get_task, paired_difference, split_shots, wilson_interval
+from data.evaluate import Record, Result
+from data.paths import DEFAULT_DIR, data_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("T2_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no task data at {DATA}; set T2_DATA_DIR")
+
+
+@functools.lru_cache(maxsize=None)
+def load(name, split, prompt=None):
+    return get_task(name, prompt=prompt, data_dir=DATA).load(split)
+
+
+# --- registry and data location ------------------------------------------------------------------
+
+def test_registry_names_aliases_and_prompts():
+    assert set(TASKS) == {"arc_easy", "arc_challenge", "gsm8k", "mbpp", "humaneval", "math", "math500", "cls"}
+    assert get_task("arc").name == "arc_easy"
+    for name, cls in TASKS.items():
+        assert "official" in cls.prompts and cls.default_prompt in cls.prompts, name
+    with pytest.raises(ValueError, match="expected one of"):
+        get_task("gsm8k", prompt="nope")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("squad")
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("T2_DATA_DIR", raising=False)
+    assert data_dir() == DEFAULT_DIR
+    monkeypatch.setenv("T2_DATA_DIR", str(tmp_path))
+    assert data_dir() == str(tmp_path)
+    assert data_dir(str(tmp_path / "flag")) == str(tmp_path / "flag")      # --data-dir wins
+
+
+def test_missing_data_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        get_task("gsm8k", data_dir=str(tmp_path)).load("train")
+    message = str(err.value)
+    assert str(tmp_path / "gsm8k" / "train.jsonl") in message
+    assert "python -m data.download gsm8k" in message and "T2_DATA_DIR" in message
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+SPLITS = {  # (task, split): (size, first id, last id) -- pinned: the splits must never move
+    ("arc_easy", "train"): (1126, "arc_easy/Mercury_7220990", "arc_easy/Mercury_7188563"),
+    ("arc_easy", "validation"): (1125, "arc_easy/MCAS_2007_8_5189", "arc_easy/NCEOGA_2013_8_37"),
+    ("arc_easy", "test"): (2376, "arc_easy/Mercury_417466", "arc_easy/VASoL_2009_5_34"),
+    ("arc_challenge", "train"): (1119, "arc_challenge/Mercury_SC_415702", "arc_challenge/Mercury_SC_412487"),
+    ("arc_challenge", "validation"): (299, "arc_challenge/Mercury_SC_407695", "arc_challenge/Mercury_7082145"),
+    ("arc_challenge", "test"): (1172, "arc_challenge/Mercury_7175875", "arc_challenge/MEA_2013_8_15"),
+    ("gsm8k", "train"): (3737, "gsm8k/train/0", "gsm8k/train/7472"),
+    ("gsm8k", "validation"): (3736, "gsm8k/train/1", "gsm8k/train/7471"),
+    ("gsm8k", "test"): (1319, "gsm8k/test/0", "gsm8k/test/1318"),
+    ("mbpp", "train"): (374, "mbpp/601", "mbpp/974"),
+    ("mbpp", "validation"): (90, "mbpp/511", "mbpp/600"),
+    ("mbpp", "test"): (500, "mbpp/11", "mbpp/510"),
+    ("humaneval", "test"): (164, "HumanEval/0", "HumanEval/163"),
+    ("math", "test"): (5000, "math/0", "math/4999"),
+    ("math500", "test"): (500, "math500/test/precalculus/807.json", "math500/test/geometry/615.json"),
+    ("cls", "train"): (900, "cls/mbpp/966", "cls/arc_easy/Mercury_7071925"),
+    ("cls", "validation"): (270, "cls/mbpp/589", "cls/arc_easy/Mercury_7082775"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("name,split", list(SPLITS))
+def test_split_sizes_and_pinned_ids(name, split):
+    examples = load(name, split)
+    size, first, last = SPLITS[name, split]
+    assert (len(examples), examples[0].id, examples[-1].id) == (size, first, last)
+    assert len({ex.id for ex in examples}) == size                           # ids are unique
+    assert [ex.id for ex in get_task(name, data_dir=DATA).load(split)] == [ex.id for ex in examples]
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint(name):
+    task = TASKS[name]
+    ids = [{ex.id for ex in load(name, s)} for s in task.splits]
+    texts = [{ex.problem for ex in load(name, s)} for s in task.splits]
+    # The released ARC-Easy train file holds two test questions verbatim, under other ids.
+    known = {("arc_easy", "train", "test"): 1, ("arc_easy", "validation", "test"): 1}
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            pair = (name, task.splits[i], task.splits[j])
+            assert not ids[i] & ids[j], pair
+            assert len(texts[i] & texts[j]) == known.get(pair, 0), pair
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_prompt_variant_gives_chat_messages(name):
+    for prompt in TASKS[name].prompts:
+        ex = load(name, TASKS[name].splits[0], prompt)[0]
+        roles = [m["role"] for m in ex.messages]
+        assert set(roles) <= {"system", "user", "assistant"} and "user" in roles, (prompt, roles)
+        assert roles[-1] in ("user", "assistant")          # a final assistant message is a prefill
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in ex.messages)
+
+
+def test_split_shots_is_seeded_and_disjoint():
+    shots, rest = split_shots(list(range(100)), 10)
+    assert len(shots) == 10 and len(rest) == 90 and not set(shots) & set(rest)
+    assert split_shots(list(range(100)), 10) == (shots, rest)
+    assert split_shots(list(range(100)), 10, seed=1) != (shots, rest)
+
+
+# --- cls -----------------------------------------------------------------------------------------
+
+@needs_data
+def test_cls_is_balanced_and_has_no_test_item():
+    test_ids, test_texts = set(), set()
+    for name in ("gsm8k", "mbpp", "arc_easy", "arc_challenge", "humaneval", "math"):
+        test_ids |= {ex.id for ex in load(name, "test")}
+        test_texts |= {ex.problem for ex in load(name, "test")}
+    sources = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}
+    for split, per_class in [("train", 300), ("validation", 90)]:
+        examples = load("cls", split)
+        for label, source in sources.items():
+            mine = [ex for ex in examples if ex.answer == label]
+            assert len(mine) == per_class
+            source_ids = {ex.id for ex in load(source, split)}                # same split of the source
+            assert all(ex.id.removeprefix("cls/") in source_ids for ex in mine)
+        assert not {ex.id.removeprefix("cls/") for ex in examples} & test_ids
+        assert not {ex.problem for ex in examples} & test_texts
+        assert [ex.answer for ex in examples[:6]] != sorted(ex.answer for ex in examples[:6])  # shuffled
+
+
+def test_cls_extraction():
+    task = get_task("cls")
+    assert task.extract("Classification: \\boxed{math}") == "math"
+    assert task.extract("\\boxed{Code}") == "code"
+    assert task.extract("Reasoning.\nIt asks about science.") == "reasoning"
+    assert task.extract("\\boxed{other}") == "other"                          # valid, never gold
+    assert task.extract("math or code") is None
+    assert task.extract("\\boxed{physics}") is None and task.extract("") is None
+
+
+# --- ARC -----------------------------------------------------------------------------------------
+
+@needs_data
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+def test_arc_gold_scores_right_and_other_options_wrong(name):
+    task = get_task(name, data_dir=DATA)
+    for split in task.splits:
+        for ex in load(name, split):
+            gold, options = ex.meta["answer_index"], ex.meta["options"]
+            letter = "ABCDE"[gold]
+            assert ex.answer == letter and f"\n{letter}. {options[gold]}" in ex.messages[1]["content"]
+            for out in [f"Let's see... the answer is ({letter})", letter, f"{letter}. {options[gold]}"]:
+                assert task.score(ex, out), (ex.id, out)
+            wrong = (gold + 1) % len(options)
+            assert not task.score(ex, f"The answer is ({'ABCDE'[wrong]})")
+            assert not task.score(ex, f"{'ABCDE'[gold]} or {'ABCDE'[wrong]}")      # two options: wrong
+            if len(options[gold]) > 1:                                           # not a lone "C"
+                assert task.score(ex, f"Answer: {options[gold]}."), (ex.id, options)
+
+
+@needs_data
+def test_arc_label_variants():
+    ex = {e.id: e for e in load("arc_easy", "train")}
+    task = get_task("arc_easy", data_dir=DATA)
+    numeric = ex["arc_easy/NYSEDREGENTS_2006_8_10"]          # labels "1"-"4", answerKey "3"
+    assert numeric.meta["labels"] == ["1", "2", "3", "4"] and numeric.answer == "C"
+    assert "\nC. how they formed" in numeric.messages[1]["content"]
+    assert task.score(numeric, "C") and task.score(numeric, "how they formed")
+    assert not task.score(numeric, "3")                      # we show letters, so "3" is no answer
+    three = ex["arc_easy/NYSEDREGENTS_2006_8_37"]
+    assert len(three.meta["options"]) == 3 and task.extract("D", three) is None
+    five = ex["arc_easy/TIMSS_1995_8_Q14"]
+    assert len(five.meta["options"]) == 5 and five.answer == "E" and task.score(five, "The answer is (E).")
+
+
+@needs_data
+def test_arc_extraction_reads_text_and_refuses_ambiguity():
+    ex = {e.id: e for e in load("arc_easy", "train")}
+    task = get_task("arc_easy", data_dir=DATA)
+    fever = ex["arc_easy/Mercury_7220990"]          # B: "a bacterial population in the bloodstream"
+    assert task.extract("A bacterial population in the bloodstream.", fever) == "B"   # "A" is an article
+    assert task.extract("B. a bacterial population in the bloodstream", fever) == "B"
+    assert task.extract("The correct answer is:\n\n(B)", fever) == "B"
+    assert task.extract("I think A... no wait. Final answer: D", fever) == "D"    # the last statement
+    assert task.extract("\\boxed{C}", fever) == "C"
+    assert task.extract("The answer is A and C.", fever) is None
+    assert task.extract("", fever) is None and task.extract("I am not sure.", fever) is None
+    genetics = next(e for e in load("arc_challenge", "test") if e.meta["options"] == ["R", "rr", "Rr", "RR"])
+    assert [task.extract(o, genetics) for o in ["Rr", "rr", "RR", "(A)"]] == ["C", "B", "D", "A"]
+
+
+# --- GSM8K ---------------------------------------------------------------------------------------
+
+@needs_data
+def test_gsm8k_gold_scores_right_and_perturbed_wrong():
+    task = get_task("gsm8k", data_dir=DATA)
+    for split in task.splits:
+        for ex in load("gsm8k", split):
+            assert re.fullmatch(r"-?\d+", ex.answer), ex.answer               # commas removed
+            assert task.score(ex, ex.meta["solution"])                       # the reference solution
+            assert task.score(ex, f"So the answer is {int(ex.answer):,}.")
+            assert not task.score(ex, f"#### {int(ex.answer) + 1}")
+
+
+@pytest.mark.parametrize("output,number", [
+    ("#### 42", "42"), ("She pays 3 + 4 = 7.\n#### 1,000", "1000"), ("The answer is 42.", "42"),
+    ("The answer is $1,234.50 in total", "1234.5"), ("He earns $18.00 per hour", "18"),
+    ("It takes 12 minutes", "12"), ("so x = -5", "-5"), ("3 - 5 apples ... 8", "8"), ("\\boxed{16}", "16"),
+    ("Answer: 0.50", "0.5"), ("The answer is: 1, then 2", "1"), ("He has 1, 2, 3 coins", "3"),
+    ("Total: 2,500 dollars", "2500"), ("no number here", None), ("#### ", None), ("The answer is unknown", None),
+])
+def test_gsm8k_number_formats(output, number):
+    assert get_task("gsm8k").extract(output) == number
+
+
+# --- evaluate and statistics ---------------------------------------------------------------------
+
+@needs_data
+def test_evaluate_with_a_fake_completion_function(capsys):
+    task = get_task("gsm8k", data_dir=DATA)
+    gold = {tuple(m["content"] for m in ex.messages): ex.answer for ex in load("gsm8k", "validation")[:10]}
+    outputs = lambda batch: [f"#### {gold[tuple(m['content'] for m in ms)]}" if i % 2 == 0 else "no idea"  # noqa: E731
+                             for i, ms in enumerate(batch)]
+    result = evaluate(task, "validation", outputs, limit=10, batch_size=4)
+    assert (result.n, result.correct, result.accuracy, result.unparsable) == (10, 5, 0.5, 0.5)
+    assert result.records[0].extracted == result.records[0].answer and result.records[1].extracted is None
+    assert result.wall_s > 0 and "accuracy" in result.summary()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("gsm8k/validation 10/10 | accuracy 0.5000")
+    with pytest.raises(ValueError, match="returned 1 outputs for 4"):
+        evaluate(task, "validation", lambda batch: ["x"], limit=4, progress=False)
+
+
+def test_wilson_interval_and_paired_difference():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    a = Result("t", "s", "p", [Record(str(i), [], "", None, None, i < 50) for i in range(100)])
+    b = Result("t", "s", "p", [Record(str(i), [], "", None, None, i < 60) for i in range(100)])
+    diff, lo, hi, n = paired_difference(a, b)
+    assert (diff, n) == (0.1, 100) and lo == pytest.approx(0.1 - 1.96 * 0.0302, abs=1e-3) and hi > diff
+    assert paired_difference(a, a)[:3] == (0.0, 0.0, 0.0)
