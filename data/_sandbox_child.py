@@ -101,15 +101,19 @@ def main():
         exec(compile(source, "program.py", "exec"), module.__dict__)
     except BaseException as e:                   # SystemExit included: exiting early is a failure
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)   # from the program's frame on
-        sys.stderr.flush()
+        flush()
         exit_now(1)
-    for stream in (sys.stdout, sys.stderr):
+    flush()
+    write(report_fd, f"\n{nonce}\n".encode())
+    exit_now(0)
+
+
+def flush():
+    for stream in (sys.stdout, sys.stderr):     # the program may have replaced or closed them
         try:
             stream.flush()
         except Exception:
             pass
-    write(report_fd, f"\n{nonce}\n".encode())
-    exit_now(0)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,16 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTA
 
 
 def extract_code(text, must_define=None):
-    """The program in a model output: the first ```python fenced block that defines `must_define`
-    (or any function, or else the first block); an unterminated fence runs to the end of the
-    text; without fences, the whole text. None when nothing is left."""
+    """The program in a model output: the first ```python fenced block that defines the function
+    `must_define`, else the first that defines any function, else the first block; an unterminated
+    fence runs to the end of the text; without fences, the whole text. None when nothing is left."""
     blocks = _FENCE.findall(text)
     if not blocks:
         code = text if "```" not in text else ""
     else:
-        wanted = rf"^\s*def {re.escape(must_define)}\s*\(" if must_define else r"^\s*def \w+\s*\("
-        code = next((b for b in blocks if re.search(wanted, b, re.MULTILINE)), blocks[0])
+        defines = lambda name, block: re.search(rf"^\s*def {name}\s*\(", block, re.MULTILINE)  # noqa: E731
+        code = (next((b for b in blocks if must_define and defines(re.escape(must_define), b)), None)
+                or next((b for b in blocks if defines(r"\w+", b)), blocks[0]))
     return code if code.strip() else None
 
 

@@ -14,7 +14,7 @@ guards), which gets:
 - a fresh temporary directory as working directory, HOME and TMPDIR, removed afterwards;
 - stdin from /dev/null and a scrubbed environment (no inherited variables, hence no secrets);
 - limits: wall-clock timeout, CPU seconds, address space, file size (which also caps its output:
-  stdout and stderr go to files, and a program writing more is killed by SIGXFSZ), open files;
+  stdout and stderr go to files, and writing past the limit fails with "File too large"), open files;
 - its own session and process group (start_new_session), killed as a whole at the end (os.killpg).
 A program passes only if it exits with status 0 *and* printed a secret nonce that the child prints
 after the program ran to completion, so sys.exit(0), os._exit(0) or a killed parent cannot fake a pass.
@@ -43,7 +43,7 @@ class Limits:
     timeout_s: float = 15.0     # wall clock (the slowest canonical MBPP solution, 123, needs 5 s)
     cpu_s: int = 15             # CPU seconds (SIGXCPU)
     memory_mb: int = 1024       # address space (MemoryError)
-    output_kb: int = 1024       # size of any file written, stdout and stderr included (SIGXFSZ)
+    output_kb: int = 1024       # size of any file written, stdout and stderr included (EFBIG)
     open_files: int = 64
     processes: int = 1          # RLIMIT_NPROC; only binds non-root users (the child also forbids fork)
 

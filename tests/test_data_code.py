@@ -1,0 +1,67 @@
+"""Code tasks: extracting programs from outputs, assembling test programs, scoring in the sandbox.
+(The sandbox itself and the canonical-solution pass rates are in test_sandbox.py.)"""
+
+import os
+
+import pytest
+
+from data import evaluate, get_task
+from data.codegen import extract_code
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("T2_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no task data at {DATA}; set T2_DATA_DIR")
+
+
+def test_extract_code():
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\nDone.") == "def f():\n    return 1\n"
+    assert extract_code("```py\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```python\ndef f():\n    return 1") == "def f():\n    return 1"   # unterminated
+    assert extract_code("def f():\n    return 1") == "def f():\n    return 1"              # no fences
+    two = "```python\nprint(f(2))\n```\n```python\ndef f(x):\n    return x\n```"
+    assert extract_code(two) == "def f(x):\n    return x\n"                                # the one defining
+    assert extract_code(two.replace("def f", "def g"), must_define="f") == "def g(x):\n    return x\n"
+    assert extract_code("") is None and extract_code("```python\n\n```") is None
+    assert extract_code("Sorry, I cannot write ```code``` for that.") is None
+
+
+@needs_data
+def test_mbpp_solutions_in_every_format():
+    task = get_task("mbpp", data_dir=DATA)
+    ex = task.load("validation")[0]
+    code = ex.answer.replace("\r\n", "\n")
+    outputs = [f"```python\n{code}\n```", code, f"Sure!\n```python\n{code}\n```\nThis works because..."]
+    assert task.score_many([ex] * 3, outputs) == [True] * 3
+    official = get_task("mbpp", prompt="official", data_dir=DATA).load("validation")[0]
+    assert official.messages[-1] == {"role": "assistant", "content": "```python"}              # the prefill
+    assert task.score(official, f"\n{code}\n```\nExplanation.")
+    wrong = code.replace("return", "return None and", 1)
+    assert not task.score(ex, wrong) and not task.score(ex, "I don't know.")
+    assert task.extract("I don't know.```", ex) is None
+
+
+@needs_data
+def test_humaneval_body_full_function_and_prefill():
+    task = get_task("humaneval", prompt="complete", data_dir=DATA)
+    ex = task.load("test")[2]                     # truncate_number
+    body = ex.answer
+    full = ex.meta["prompt"][ex.meta["prompt"].index("def "):] + body
+    outputs = [body, f"```python\n{full}```", f"```python\n{full}```\n```python\nprint(truncate_number(3.5))\n```"]
+    assert task.score_many([ex] * 3, outputs) == [True] * 3
+    official = get_task("humaneval", prompt="official", data_dir=DATA).load("test")[2]
+    assert official.messages[-1]["content"].startswith("```python\ndef truncate_number")
+    assert task.score(official, "\n" + body + "```")                             # continues the prefill
+    assert not task.score(ex, "    return number\n") and not task.score(ex, "")
+    helper = task.load("test")[38]                # decode_cyclic: the prompt defines a helper
+    assert "def encode_cyclic" in helper.meta["prompt"]
+    restated = "```python\ndef decode_cyclic(s: str):\n    return encode_cyclic(encode_cyclic(s))\n```"
+    assert task.score(helper, restated)          # the prompt's helper is kept above the model's code
+
+
+@needs_data
+def test_evaluate_a_code_task():
+    task = get_task("mbpp", data_dir=DATA)
+    gold = {ex.messages[-1]["content"]: ex.answer for ex in task.load("test")[:6]}
+    result = evaluate(task, "test", lambda batch: [f"```python\n{gold[m[-1]['content']]}\n```" for m in batch],
+                      limit=6, batch_size=3, progress=False)
+    assert result.accuracy == 1.0 and all(r.extracted for r in result.records)
