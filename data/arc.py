@@ -14,7 +14,7 @@ official code shows letters but compares with the numeric key, so it can never s
 The answer is a letter. Extraction (`extract_choice`) reads the last answer statement ("the answer
 is (B)", "Answer: B", `\\boxed{B}`), or else the first line of the output, and accepts either the
 letter or the option's text copied out; a statement that names two different options is unparsable
-(None), which scores as wrong. The official code falls back to a random letter; we do not.
+(None), which scores as wrong. The official code guesses a letter instead (seeded); we do not.
 `example.meta["options"]` holds the option texts for likelihood scoring.
 """
 
@@ -135,7 +135,8 @@ class ArcTask(Task):
     def _normalize(r):
         labels = r["choices"]["label"]
         if r["answerKey"] not in labels:
-            raise ValueError(f"ARC record {r['id']}: answerKey {r['answerKey']!r} is not one of the labels {labels}")
+            raise ValueError(f"ARC record {r['id']}: expected answerKey to be one of the labels {labels}, "
+                             f"found {r['answerKey']!r}")
         return dict(id=r["id"], question=r["question"], options=list(r["choices"]["text"]),
                     labels=list(labels), answer_index=labels.index(r["answerKey"]))
 

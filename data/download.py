@@ -58,7 +58,8 @@ def arc(root, subset):
             r = json.loads(line)
             choices = r["question"]["choices"]
             rows.append(dict(id=r["id"], question=r["question"]["stem"], answerKey=r["answerKey"],
-                             choices=dict(text=[c["text"] for c in choices], label=[c["label"] for c in choices])))
+                             choices=dict(text=[c["text"] for c in choices],
+                                          label=[c["label"] for c in choices])))
         write(root, f"{folder}/{subset}-{split}.jsonl", jsonl(rows))
 
 

@@ -31,7 +31,8 @@ def official_prompt(rec):
     # prefilled with an opening ```python fence.
     text = rec["text"].strip()
     text += "" if text.endswith(".") else "."
-    instruction = f"{text} Your code should satisfy the following assertion:\n```python\n{rec['test_list'][0]}\n```"
+    assertion = rec["test_list"][0]
+    instruction = f"{text} Your code should satisfy the following assertion:\n```python\n{assertion}\n```"
     return [system(CODE_SYSTEM), user(instruction), assistant("```python")]
 
 

@@ -107,7 +107,8 @@ def run_program(source, limits=Limits(), keep=4000):
         shutil.rmtree(job_dir, ignore_errors=True)
     passed = returncode == 0 and not timed_out and f"\n{nonce}\n" in stdout
     status = ("passed" if passed else "timeout" if timed_out else "killed" if returncode < 0 else "failed")
-    return RunResult(passed, status, returncode, stdout.replace(f"\n{nonce}\n", "")[:keep], stderr[-keep:], seconds)
+    stdout = stdout.replace(f"\n{nonce}\n", "")
+    return RunResult(passed, status, returncode, stdout[:keep], stderr[-keep:], seconds)
 
 
 def run_many(sources, limits=Limits(), workers=None):

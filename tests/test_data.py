@@ -4,6 +4,7 @@ Runs on the real task data, found via $T2_DATA_DIR or ../shared/data next to the
 """
 
 import functools
+import json
 import os
 import re
 
@@ -218,7 +219,8 @@ def test_gsm8k_gold_scores_right_and_perturbed_wrong():
     ("The answer is $1,234.50 in total", "1234.5"), ("He earns $18.00 per hour", "18"),
     ("It takes 12 minutes", "12"), ("so x = -5", "-5"), ("3 - 5 apples ... 8", "8"), ("\\boxed{16}", "16"),
     ("Answer: 0.50", "0.5"), ("The answer is: 1, then 2", "1"), ("He has 1, 2, 3 coins", "3"),
-    ("Total: 2,500 dollars", "2500"), ("no number here", None), ("#### ", None), ("The answer is unknown", None),
+    ("Total: 2,500 dollars", "2500"), ("no number here", None), ("#### ", None),
+    ("The answer is unknown", None),
 ])
 def test_gsm8k_number_formats(output, number):
     assert get_task("gsm8k").extract(output) == number
@@ -227,11 +229,14 @@ def test_gsm8k_number_formats(output, number):
 # --- evaluate and statistics ---------------------------------------------------------------------
 
 @needs_data
-def test_evaluate_with_a_fake_completion_function(capsys):
+def test_evaluate_with_a_fake_completion_function(capsys, tmp_path):
     task = get_task("gsm8k", data_dir=DATA)
     gold = {tuple(m["content"] for m in ex.messages): ex.answer for ex in load("gsm8k", "validation")[:10]}
-    outputs = lambda batch: [f"#### {gold[tuple(m['content'] for m in ms)]}" if i % 2 == 0 else "no idea"  # noqa: E731
-                             for i, ms in enumerate(batch)]
+
+    def outputs(batch):              # right on even positions of each batch, unparsable on odd ones
+        return [f"#### {gold[tuple(m['content'] for m in ms)]}" if i % 2 == 0 else "no idea"
+                for i, ms in enumerate(batch)]
+
     result = evaluate(task, "validation", outputs, limit=10, batch_size=4)
     assert (result.n, result.correct, result.accuracy, result.unparsable) == (10, 5, 0.5, 0.5)
     assert result.records[0].extracted == result.records[0].answer and result.records[1].extracted is None
@@ -240,6 +245,12 @@ def test_evaluate_with_a_fake_completion_function(capsys):
     assert len(lines) == 3 and lines[-1].startswith("gsm8k/validation 10/10 | accuracy 0.5000")
     with pytest.raises(ValueError, match="returned 1 outputs for 4"):
         evaluate(task, "validation", lambda batch: ["x"], limit=4, progress=False)
+    _, rest = split_shots(load("gsm8k", "validation")[:10], 3)                # a list of examples works too
+    custom = evaluate(task, rest, lambda batch: ["#### 0"] * len(batch), progress=False)
+    assert (custom.split, custom.n) == ("custom", 7)
+    result.save(tmp_path / "result.json")
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["accuracy"] == 0.5 and saved["records"][0]["id"] == result.records[0].id
 
 
 def test_wilson_interval_and_paired_difference():

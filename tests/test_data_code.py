@@ -46,7 +46,8 @@ def test_humaneval_body_full_function_and_prefill():
     ex = task.load("test")[2]                     # truncate_number
     body = ex.answer
     full = ex.meta["prompt"][ex.meta["prompt"].index("def "):] + body
-    outputs = [body, f"```python\n{full}```", f"```python\n{full}```\n```python\nprint(truncate_number(3.5))\n```"]
+    usage = "```python\nprint(truncate_number(3.5))\n```"
+    outputs = [body, f"```python\n{full}```", f"```python\n{full}```\n{usage}"]
     assert task.score_many([ex] * 3, outputs) == [True] * 3
     official = get_task("humaneval", prompt="official", data_dir=DATA).load("test")[2]
     assert official.messages[-1]["content"].startswith("```python\ndef truncate_number")
