@@ -294,8 +294,9 @@ class SVF(nn.Module):
 
         Paper, section 3.1: W' = U Sigma' Vh with Sigma' = Sigma diag(z), i.e. singular values sigma * z.
         Official code, followed here: the same, times sum(sigma) / sum(sigma * z), so that a z that
-        scales every singular value alike leaves W unchanged and W' ~ W at initialisation. Folding
-        that factor into the vector s keeps the matrix product one call.
+        scales every singular value alike leaves W unchanged and W' ~ W at initialisation. (So
+        max_mult, a common factor on z, cancels: it is kept and recorded to match the official
+        code.) Folding that factor into the vector s keeps the matrix product one call.
         """
         z = self.scales() if z is None else z
         self._check_names(z, "z")
@@ -376,9 +377,7 @@ class SVF(nn.Module):
         if not same_checkpoint(meta["checkpoint"], self.identity) or meta["targets"] != self.targets:
             raise ExpertMismatch(f"{path}: expert was trained for checkpoint {meta['checkpoint']} (targets "
                                  f"{meta['targets']}), this model is {self.identity} (targets {self.targets})")
-        max_mult = json.loads(meta["parameterisation"])["max_mult"]
-        if max_mult != self.max_mult:
-            raise ExpertMismatch(f"{path}: expert was trained with max_mult={max_mult}, this SVF uses {self.max_mult}")
+        # No check of max_mult: it multiplies every entry of z alike, and the rescaling cancels that.
         self._check_names(tensors, f"expert {path}")
         device = self.p[0].device
         return Expert({name: tensors[name].to(device, copy=True) for name in self.names},

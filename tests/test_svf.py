@@ -10,12 +10,14 @@ import torch
 
 import safetensors_io
 import svf
-from model import load_model
+from model import generate, load_model
+
+USER_CACHE = os.environ.get("T2_CACHE_DIR")  # read before the fixture below points it elsewhere
 
 
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("T2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("T2_CACHE_DIR", str(tmp_path / "cache"))  # tests leave the user's cache alone
 
 
 @pytest.fixture
@@ -255,8 +257,11 @@ def test_mismatched_expert_is_refused(tiny, tmp_path):
     _, other, _ = tiny(targets="mlp", seed=1)  # same architecture, other weights
     with pytest.raises(svf.ExpertMismatch, match=f"this model is {other.identity}"):
         other.load_expert(path)
-    with pytest.raises(svf.ExpertMismatch, match="max_mult=1.0, this SVF uses 2.0"):
-        svf.SVF(model, s_all.identity, "mlp", max_mult=2.0).load_expert(path)
+    # max_mult is a common factor on z, which the rescaling cancels: such an expert loads and agrees.
+    s_mult = svf.SVF(model, s_all.identity, "mlp", max_mult=2.0)
+    s_mult.load_state(s_mult.load_expert(path).p)
+    for name, W in s_mult.weights().items():
+        torch.testing.assert_close(W, s_mlp.weights()[name])
     safetensors_io.save(path, {"x": torch.zeros(3)}, {"format": "pt"})
     with pytest.raises(svf.ExpertMismatch, match="is it an SVF expert file"):
         s_mlp.load_expert(path)
@@ -327,3 +332,30 @@ def test_parameter_count_matches_the_paper():
     assert round(c["attn q,v"] / 1e6, 2) == 0.16
     assert round(c["lora"] / 1e6, 2) == 6.82
     assert c["all"] == c["mlp"] + c["attn"]
+
+
+def test_default_model_at_init(default_model, monkeypatch):
+    """The real checkpoint: 90 MLP matrices (cached in the user's cache: slow once, then fast);
+    W' ~ W at initialisation changes the logits a little and the answer not at all."""
+    import checkpoints
+    if USER_CACHE:
+        monkeypatch.setenv("T2_CACHE_DIR", USER_CACHE)
+    else:
+        monkeypatch.delenv("T2_CACHE_DIR")
+    model, tok = default_model
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        s = svf.SVF(model, svf.checkpoint_identity(checkpoints.default_model_dir()), "mlp")
+        assert len(s.names) == 3 * model.config.num_hidden_layers == 90
+        prompt = tok.chat([{"role": "user", "content": "What is the capital of France?"}])
+        with torch.no_grad():
+            base = torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)
+            with s.applied():
+                adapted = torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)
+                answer = tok.decode(generate(model, [prompt], 16, stop_tokens=tok.stop_tokens,
+                                             pad_id=tok.pad_id)[0])
+        assert adapted.argmax() == base.argmax() and 0 < float((adapted - base).abs().max()) < 0.5
+        assert "Paris" in answer, answer
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
