@@ -145,6 +145,18 @@ def test_kernel_compiles_and_links(monkeypatch):
     assert callable(module.recompose) and callable(module.grad_s)
 
 
+def test_kernel_build_failure_is_reported_once(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a visible GPU picks the architecture; this tests the message without one")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(svf, "_kernel", {})
+    expected = "not a CUDA build" if torch.version.cuda is None else "set TORCH_CUDA_ARCH_LIST"
+    for _ in range(2):  # the second call reports the remembered failure without building again
+        with pytest.raises(RuntimeError, match=expected):
+            svf.load_kernel()
+    assert "module" not in svf._kernel
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the kernel's numerics need one")
 SHAPES = [(1, 1, 1), (33, 33, 65), (577, 191, 191), (191, 191, 577), (64, 16, 64), (130, 70, 3)]
 
