@@ -312,16 +312,20 @@ class SVF(nn.Module):
         return torch.func.functional_call(self.model, self.weights(), args, kwargs)
 
     @contextlib.contextmanager
-    def applied(self, z=None):
+    def applied(self, z=None, weights=None):
         """`with svf.applied(z):` the model computes with W'; afterwards it holds its original tensors.
+
+        `weights` ({name: W'}, from self.weights()) skips the recomposition when the caller has it.
 
         We swap tensors rather than copy values into them: restoring is then bit-exact by
         construction, costs nothing, and works on read-only memory-mapped weights. Switching experts
         never reloads the model. Nesting works: the inner block restores the outer block's weights.
         """
         params = {name: self.model.get_parameter(name) for name in self.names}
-        with torch.no_grad():
-            new = self.weights(z)
+        if weights is None:
+            with torch.no_grad():
+                weights = self.weights(z)
+        new = weights
         originals = {}
         try:
             for name, W in new.items():
@@ -390,6 +394,18 @@ class SVF(nn.Module):
             diff = sorted(set(found.items()) ^ set(expected.items()))[:4]
             raise ExpertMismatch(f"{what} does not fit targets {self.targets!r} of {self.identity}: "
                                  f"(name, shape) differing from what is expected: {diff}")
+
+
+def load_expert_for(model, model_dir, path, **svf_kwargs):
+    """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"expert file {path} does not exist (train one with reinforce.py)")
+    _, meta, _ = safetensors_io.read_header(path)
+    if meta.get("format") != EXPERT_FORMAT:
+        raise ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {EXPERT_FORMAT!r} "
+                             f"(is it an SVF expert file?)")
+    wrapper = SVF(model, checkpoint_identity(model_dir), meta["targets"], **svf_kwargs)
+    return wrapper, wrapper.load_expert(path)
 
 
 # ----------------------------------------------------------------------------- parameter count

@@ -48,6 +48,15 @@ def letter_prompt(rec):
     return [system(LETTER_SYSTEM), user(problem_text(rec))]
 
 
+TEXT_SYSTEM = "Answer the multiple-choice question by copying the text of the correct option exactly."
+
+
+def text_prompt(rec):
+    """Options without letters: the answer is the option's text, so no letter habit can stand in."""
+    lines = [rec["question"], "Options:"] + [f"- {text}" for text in rec["options"]]
+    return [system(TEXT_SYSTEM), user("\n".join(lines))]
+
+
 def restate_prompt(rec):
     return [system(RESTATE_SYSTEM), user(problem_text(rec))]
 
@@ -121,7 +130,8 @@ def extract_choice(text, options):
 class ArcTask(Task):
     name = "arc_easy"
     subset = "ARC-Easy"
-    prompts = {"official": official_prompt, "letter": letter_prompt, "restate": restate_prompt}
+    prompts = {"official": official_prompt, "letter": letter_prompt, "restate": restate_prompt,
+               "text": text_prompt}
     default_prompt = "restate"   # provisional; the default is chosen by measured validation accuracy
 
     def records(self, split):

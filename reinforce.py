@@ -1,0 +1,323 @@
+"""Train an SVF expert with REINFORCE: Transformer-Squared section 3.1, "End-to-end optimization with RL".
+
+    python reinforce.py --task arc                 # ARC-Easy expert for the default model
+    python reinforce.py --task gsm8k --steps 200 --kl 0.1
+    python reinforce.py --task arc --resume        # continue an interrupted run
+
+The objective (paper, eq. 1), maximised over the expert's vectors z only:
+
+    J(z) = E[ log pi_{W'}(y_hat | x) * r(y_hat, y) ] - lambda * D_KL(pi_{W'} || pi_W)
+
+Each step: greedy rollouts y_hat from the current expert, reward r = +1 if the task's scorer accepts
+the answer and -1 otherwise, then one Adam step on
+
+    loss = -(1/B) sum_i r_i * sum_t log pi_{W'}(y_hat_i,t | x_i, y_hat_i,<t)  +  lambda * KL
+
+Simplifications, as in the official code unless said otherwise: no baseline (`--baseline` subtracts
+the batch's mean reward, which the official code does not); greedy decoding for the rollouts
+(`--temperature` > 0 samples instead); the KL term is computed over the whole vocabulary at the
+generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
+10 steps and the best expert on validation is the one kept. We validate on a fixed subset of the
+validation split (`--eval-limit`) to keep a CPU run short; the official code uses all of it.
+
+Never loses work: the training state (p, Adam, step, best expert, random state) is written atomically
+after every step, so Ctrl-C or a kill costs at most the step in progress; `--resume` continues and,
+with the same flags, ends where an uninterrupted run ends.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+import svf
+from data import evaluate, get_task
+from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from model import token_logprobs
+
+
+@dataclass
+class TrainConfig:
+    task: str = "arc_easy"
+    prompt: str = None  # None: the task's default prompt
+    targets: str = "mlp"  # official default; the paper's ablation prefers "all"
+    steps: int = 60
+    batch_size: int = 16
+    micro_batch: int = 8  # sequences per forward/backward; gradients are accumulated
+    lr: float = 2e-3
+    kl: float = 0.0  # lambda; the paper sweeps 0, 0.1, 0.2, 0.3
+    baseline: bool = False
+    temperature: float = 0.0
+    max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
+    clip: float = 1e-3
+    eval_every: int = 10
+    eval_limit: int = 200
+    seed: int = 0
+
+
+def config_from_args(args):
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def batch_indices(n, step, batch_size, seed):
+    """Indices of step `step`: walk seeded permutations of the training set, one per epoch.
+
+    A pure function of step, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset:offset + take].tolist()
+        pos += take
+    return out
+
+
+def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
+    """Mean over generated tokens of KL(pi_new || pi_base), summed over the vocabulary."""
+    with torch.no_grad():
+        _, _, logits_base = token_logprobs(model, prompts, completions, pad_id, return_logits=True)
+    logp_new = torch.log_softmax(logits_new.float(), -1)
+    logp_base = torch.log_softmax(logits_base.float(), -1)
+    kl = (logp_new.exp() * (logp_new - logp_base)).sum(-1)  # (B, L)
+    return (kl * mask).sum(), mask.sum()
+
+
+def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id):
+    """Accumulates the gradient of the loss into the expert's p; returns (loss, kl, t_backward, t_recomp).
+
+    The recomposed weights W' are computed once with autograd, then cut off as leaves: each
+    micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
+    through the recomposition to p. This bounds memory by the micro-batch and recomposes only once.
+    """
+    t0 = time.perf_counter()
+    weights = wrapper.weights()  # {name: W'} with a graph back to p
+    leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
+    t_recomp = time.perf_counter() - t0
+
+    def forward(ids, mask):
+        return torch.func.functional_call(model, leaves, (ids, mask))
+
+    B = len(prompts)
+    r = torch.tensor(rewards, dtype=torch.float32)
+    advantage = r - r.mean() if cfg.baseline else r
+    total_loss, kl_sum, kl_count = 0.0, 0.0, 0
+    t0 = time.perf_counter()
+    for s in range(0, B, cfg.micro_batch):
+        sl = slice(s, s + cfg.micro_batch)
+        logp, mask, logits = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,
+                                            return_logits=True)
+        loss = -(logp.sum(1) * advantage[sl]).sum() / B
+        if cfg.kl > 0:
+            kl, n = kl_to_base(model, prompts[sl], completions[sl], logits, mask, pad_id)
+            kl_sum, kl_count = kl_sum + kl.item(), kl_count + n.item()
+            # the batch KL is a mean over all its generated tokens; each micro-batch adds its share
+            loss = loss + cfg.kl * kl / max(sum(len(c) for c in completions), 1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()}; stopping before a broken expert is written")
+        loss.backward()
+        total_loss += loss.item()
+    t_backward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.autograd.backward(list(weights.values()), [leaves[k].grad for k in weights])
+    t_recomp += time.perf_counter() - t0
+    return total_loss, kl_sum / max(kl_count, 1), t_backward, t_recomp
+
+
+# ----------------------------------------------------------------------------- saving and resuming
+
+def raise_interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_resumable(saved, cfg, model_dir):
+    if saved["model_dir"] != model_dir:
+        raise SystemExit(f"--resume: the run used --model {saved['model_dir']}, not {model_dir}")
+    diff = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
+            if k != "steps" and getattr(cfg, k) != v}
+    if diff:
+        raise SystemExit("--resume: these flags differ from the interrupted run (saved, given): "
+                         + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items())
+                         + "; pass the same flags, or start a new run with another --run-dir")
+
+
+def plot(log_path, out_path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in open(log_path)]
+    steps = [r for r in rows if r["kind"] == "step"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="mean reward (train batch)", alpha=0.6)
+    ax.plot([r["step"] for r in evals], [2 * r["accuracy"] - 1 for r in evals], "o-",
+            label="validation reward (2·accuracy − 1)")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
+    """Runs cfg.steps REINFORCE steps of an SVF expert on `task`; returns the best validation result."""
+    train_set, val_set = task.load("train"), task.load("validation")[:cfg.eval_limit]
+    torch.manual_seed(cfg.seed)
+    wrapper = svf.SVF(model, svf.checkpoint_identity(model_dir), cfg.targets, seed=cfg.seed)
+    opt = torch.optim.Adam(wrapper.parameters(), lr=cfg.lr)
+    completer = Completer(model, tok, cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
+                          cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed)
+    os.makedirs(run_dir, exist_ok=True)
+    state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
+
+    step, best = 0, {"accuracy": -1.0, "step": -1, "p": None}
+    if resume:
+        if not os.path.exists(state_path):
+            raise SystemExit(f"--resume: no training state at {state_path}; start without --resume")
+        saved = torch.load(state_path, weights_only=False)
+        check_resumable(saved, cfg, model_dir)
+        wrapper.load_state(saved["p"])
+        opt.load_state_dict(saved["optimizer"])
+        completer.generator.set_state(saved["generator"])
+        step, best = saved["step"], saved["best"]
+        # drop log rows of a step that was in progress when the run stopped
+        rows = [line for line in open(log_path) if json.loads(line)["step"] <= step] if os.path.exists(log_path) else []
+        with open(log_path, "w") as f:
+            f.writelines(rows)
+        print(f"resuming {run_dir} at step {step} (best validation accuracy {best['accuracy']:.4f})")
+    elif os.path.exists(state_path):
+        raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or choose another --run-dir")
+    else:
+        open(log_path, "w").close()
+
+    def log(row):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def validate():
+        t0 = time.perf_counter()
+        with torch.no_grad(), wrapper.applied():
+            res = evaluate(task, val_set, completer, batch_size=len(val_set), progress=False)
+        print(f"eval step {step} | validation accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) "
+              f"| unparsable {res.unparsable:.1%} | {time.perf_counter() - t0:.1f}s", flush=True)
+        log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable})
+        if res.accuracy > best["accuracy"]:
+            best.update(accuracy=res.accuracy, step=step, p=wrapper.state())
+            wrapper.save_expert(out, best["p"], task=task.name, prompt=task.prompt, steps=step,
+                                val_accuracy=res.accuracy, val_items=res.n, config=dataclasses.asdict(cfg))
+            print(f"  new best: wrote {out}")
+
+    def save_state():
+        atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                           "generator": completer.generator.get_state(), "config": dataclasses.asdict(cfg),
+                           "model_dir": model_dir}, state_path)
+
+    # A kill (SIGTERM) unwinds like Ctrl-C; the state of the last finished step is already on disk.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_interrupt)
+    t_start = time.perf_counter()
+    try:
+        if step == 0:
+            validate()  # step 0: W' = W up to float error, i.e. the base model's accuracy
+            save_state()
+        while step < cfg.steps:
+            batch = [train_set[i] for i in batch_indices(len(train_set), step, cfg.batch_size, cfg.seed)]
+            prompts = [completer.encode(ex.messages) for ex in batch]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                new_weights = wrapper.weights()
+            t_recomp0 = time.perf_counter() - t0
+            with wrapper.applied(weights=new_weights):
+                completions = completer.generate_ids(prompts)
+            t_rollout = time.perf_counter() - t0 - t_recomp0
+            texts = [tok.decode(c) for c in completions]
+            correct = task.score_many(batch, texts)
+            rewards = [1.0 if c else -1.0 for c in correct]
+
+            opt.zero_grad(set_to_none=True)
+            loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions,
+                                                                  rewards, cfg, tok.pad_id)
+            grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.clip).item()
+            opt.step()
+            step += 1
+            row = {"kind": "step", "step": step, "reward": sum(rewards) / len(rewards),
+                   "accuracy": sum(correct) / len(correct), "kl": kl, "loss": loss, "grad_norm": grad_norm,
+                   "rollout_s": t_rollout, "backward_s": t_backward, "recompose_s": t_recomp + t_recomp0,
+                   "new_tokens": sum(map(len, completions))}
+            log(row)
+            print(f"step {step:4d}/{cfg.steps} | reward {row['reward']:+.3f} | acc {row['accuracy']:.3f} "
+                  f"| kl {kl:.2e} | |g| {grad_norm:.2e} | rollout {t_rollout:.1f}s backward {t_backward:.1f}s "
+                  f"recompose {row['recompose_s']:.1f}s", flush=True)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                validate()
+            save_state()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted after step {step}; the state is in {state_path}: continue with --resume")
+        sys.exit(130)
+    plot(log_path, os.path.join(run_dir, "progress.png"))
+    print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f}s; best validation accuracy "
+          f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return best
+
+
+def main(argv=None):
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(description="Train an SVF expert with REINFORCE (Transformer² section 3.1).")
+    add_model_arguments(ap)
+    ap.add_argument("--task", default=d.task, help="arc (arc_easy), gsm8k, mbpp, cls, ... (default: %(default)s)")
+    ap.add_argument("--prompt", default=d.prompt, help="prompt variant (default: the task's default)")
+    ap.add_argument("--targets", default=d.targets, choices=sorted(svf.TARGETS),
+                    help="matrices to adapt (default: %(default)s, as the official code)")
+    ap.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    ap.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per backward (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s, official)")
+    ap.add_argument("--kl", type=float, default=d.kl, help="KL coefficient lambda (default: %(default)s, official)")
+    ap.add_argument("--baseline", action="store_true", help="subtract the batch's mean reward (not official)")
+    ap.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy rollouts (official)")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: per task")
+    ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (default: %(default)s, official)")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations (default: %(default)s)")
+    ap.add_argument("--eval-limit", type=int, default=d.eval_limit, help="validation items used (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors)")
+    ap.add_argument("--run-dir", default=None, help="training state and logs (default: runs/<task>-<targets>)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    args = ap.parse_args(argv)
+    # The rollout batch is the training batch: one flag, shared with the other scripts.
+    args.run_dir = args.run_dir or os.path.join("runs", f"{get_task(args.task).name}-{args.targets}")
+    if args.steps < 1 or args.eval_every < 1 or args.micro_batch < 1 or args.eval_limit < 1:
+        ap.error("--steps, --eval-every, --micro-batch and --eval-limit must be at least 1")
+    if args.kl < 0 or args.temperature < 0 or args.lr <= 0:
+        ap.error("--kl and --temperature must be >= 0 and --lr > 0")
+    cfg = config_from_args(args)
+    task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
+    task.load("train")  # fail on missing data before loading the model
+    model, tok, model_dir = load(args)
+    out = args.out or os.path.join("experts", f"{task.name}.safetensors")
+    return train(cfg, model, tok, model_dir, task, args.run_dir, out, args.resume)
+
+
+if __name__ == "__main__":
+    main()
