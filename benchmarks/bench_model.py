@@ -43,16 +43,17 @@ def bench(model, runs, prompt_len=512, new_tokens=32):
     vocab = model.config.vocab_size
     prompt = torch.randint(100, vocab, (prompt_len,), generator=g).tolist()
     short = torch.randint(100, vocab, (16,), generator=g).tolist()
-    # generate() stops only on stop tokens; with none, every row produces exactly new_tokens tokens
     generate(model, [short], 4)  # warm-up
-    prefill = median_time(lambda: model(torch.tensor([prompt])), runs)
+    # prefill as generation does it: the whole prompt through the model, logits of the last position
+    prefill = median_time(lambda: model(torch.tensor([prompt]), last_only=True), runs)
     out = {"prefill tok/s (512)": prompt_len / prefill}
     for batch in (1, 16):
         prompts = [short] * batch
-        t_prefill = median_time(lambda: model(torch.tensor(prompts)), runs)
-        t_total = median_time(lambda: generate(model, prompts, new_tokens), runs)
-        # decode rate excludes the prefill of the 16-token prompts, measured separately
-        out[f"decode tok/s (batch {batch})"] = batch * new_tokens / max(t_total - t_prefill, 1e-9)
+        # with no stop tokens every row produces exactly max_new_tokens tokens; the difference of a
+        # (new_tokens + 1)-token and a 1-token generation is new_tokens decode steps, sampling included
+        t_one = median_time(lambda: generate(model, prompts, 1), runs)
+        t_all = median_time(lambda: generate(model, prompts, new_tokens + 1), runs)
+        out[f"decode tok/s (batch {batch})"] = batch * new_tokens / (t_all - t_one)
     return out
 
 
