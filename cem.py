@@ -1,0 +1,320 @@
+"""Few-shot adaptation with the cross-entropy method (CEM): Transformer-Squared section 3.2, strategy (c).
+
+Given K experts z_1..z_K and a handful of examples of a new task, search the mixing coefficients
+alpha of  z' = sum_k alpha_k z_k  (svf.SVF.mix) that answer those examples best:
+
+    python cem.py --task arc_challenge --experts experts/arc.safetensors experts/gsm8k.safetensors \
+        experts/mbpp.safetensors --out experts/fewshot-arc_challenge.safetensors
+    python cem.py --task math500 --experts ... --generations 20 --per-matrix   # one alpha per expert and matrix
+
+Then evaluate the mix on the rest of the split (adapt.py excludes the shots by itself):
+
+    python adapt.py --strategy fewshot --task arc_challenge --fewshot experts/fewshot-arc_challenge.safetensors
+
+`cem()` is the method written generically: sample a population from N(mean, std^2), clip it to the
+bounds, score every member, refit mean and std to the best `elite_ratio` of them. Fitness may be a
+tuple, compared lexicographically. Defaults follow the official code (population 32, elite ratio
+0.2, alpha starting at 1/K with std 0.5 in [0, 1], 10 shots, about 50 generations).
+
+Fitness of alpha = (accuracy on the shots, mean log-likelihood): ties in accuracy, frequent with 10
+shots, are broken by the mean per-token log-likelihood, under the mixed weights, of a correct
+completion of each shot. We use the *reference* answer written out as the prompt asks for it
+(`gold_completion`: the letter for ARC's letter prompt, the worked solution for GSM8K and MATH, the
+reference program for the code tasks); it exists for every shot, so it also rewards progress on
+the shots still answered wrongly. Where no reference completion fits the prompt (ARC's official
+chain-of-thought prefill), we fall back to the official rule: the model's own outputs on the shots
+it answered correctly.
+
+Nothing leaks: the shots are `data.split_shots(task.load(split), shots, seed=16)`, as the official
+FewShotTask draws them, by default from the *test* split (the only split HumanEval and MATH have).
+Their ids are stored in the output file, and adapt.py removes them from every split it evaluates.
+
+The output is an ordinary expert file (loadable by svf, evaluate_model.py --expert, adapt.py) whose
+vectors p' = logit(z' / (2 max z')) reproduce z' up to a per-matrix factor, which the SVF rescaling
+sum(sigma) / sum(sigma * z) cancels. Its metadata ("info") holds alpha, the component experts with
+digests of their vectors, the shot ids, the fitness and the search history. We keep alpha >= 0 by
+default: the sigmoid makes every expert's z positive, and a mix must be too to be stored as p'.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import safetensors_io
+import svf
+from data import get_task, split_shots
+from data.task import prefill
+from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from model import token_logprobs
+
+
+# ----------------------------------------------------------------------------- the method, generic
+
+@dataclass
+class CEMResult:
+    best: torch.Tensor   # (dim,) the best member of the last generation
+    fitness: tuple       # its fitness
+    mean: torch.Tensor   # (dim,) the final sampling distribution
+    std: torch.Tensor    # (dim,)
+    history: list = field(default_factory=list)  # one dict per generation
+
+
+def _key(fitness):
+    """A fitness as a tuple of floats, NaN as -inf, so that members sort lexicographically."""
+    values = fitness if isinstance(fitness, (tuple, list)) else (fitness,)
+    return tuple(-math.inf if math.isnan(float(v)) else float(v) for v in values)
+
+
+def _fmt(key):
+    return "/".join(f"{v:.4f}" for v in key)
+
+
+def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_mean=0.0, init_std=0.5,
+        bounds=None, seed=0, log=print):
+    """Maximises fitness_fn(x), x a (dim,) float tensor, by the cross-entropy method.
+
+    fitness_fn returns a number or a tuple (compared lexicographically: (accuracy, tie-break)).
+    init_mean, init_std: numbers or (dim,) tensors. bounds: (low, high), numbers or (dim,) tensors;
+    samples are clipped to them, as in the official code.
+
+    Member 0 of every generation is the previous generation's best (at first: the initial mean),
+    evaluated again rather than remembered. Fitness is noisy: sampled decoding, or a handful of
+    shots on which one lucky alpha can score high once. A remembered score would keep such a lucky
+    member forever; re-evaluated, it has to earn its place in each generation. Ties are won by the
+    lower index, so the incumbent keeps its place against an equally good newcomer.
+    """
+    g = torch.Generator().manual_seed(seed)
+    low, high = bounds if bounds is not None else (-math.inf, math.inf)
+    low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+    mean = torch.clamp(torch.zeros(dim) + init_mean, low, high)  # (dim,)
+    std = torch.zeros(dim) + init_std  # (dim,)
+    n_elite = min(max(2, int(elite_ratio * population)), population)  # one elite has std 0: the search would stop
+    best, history = mean.clone(), []
+    for gen in range(1, generations + 1):
+        t0 = time.perf_counter()
+        pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g), low, high)  # (P, dim)
+        pop[0] = best
+        keys = [_key(fitness_fn(x.clone())) for x in pop]
+        order = sorted(range(population), key=lambda i: keys[i], reverse=True)  # stable: ties keep index order
+        elites = pop[order[:n_elite]]  # (n_elite, dim)
+        mean, std = elites.mean(0), elites.std(0, correction=1 if n_elite > 1 else 0)
+        best = pop[order[0]].clone()
+        finite = [k[0] for k in keys if math.isfinite(k[0])]
+        row = dict(generation=gen, best=list(keys[order[0]]), best_x=best.tolist(),
+                   population_mean=sum(finite) / max(len(finite), 1), std=std.mean().item(),
+                   seconds=time.perf_counter() - t0)
+        history.append(row)
+        log(f"cem {gen:3d}/{generations} | best {_fmt(keys[order[0]])} | population mean "
+            f"{row['population_mean']:.4f} | mean std {row['std']:.4f} | {row['seconds']:.1f}s")
+    return CEMResult(best, keys[order[0]], mean, std, history)
+
+
+# ----------------------------------------------------------------------------- experts
+
+def load_experts(model, model_dir, paths, **svf_kwargs):
+    """(SVF wrapper, [Expert]) for expert files that must fit this checkpoint and share their targets."""
+    targets = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"expert file {path} does not exist (train one with reinforce.py)")
+        meta = safetensors_io.read_header(path)[1]
+        if meta.get("format") != svf.EXPERT_FORMAT:
+            raise svf.ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {svf.EXPERT_FORMAT!r} "
+                                     f"(is it an SVF expert file?)")
+        targets[path] = meta["targets"]
+    if len(set(targets.values())) > 1:
+        raise svf.ExpertMismatch(f"experts to mix or switch between must adapt the same matrices, found targets "
+                                 f"{targets}; train them with the same reinforce.py --targets")
+    wrapper = svf.SVF(model, svf.checkpoint_identity(model_dir), next(iter(targets.values())), **svf_kwargs)
+    return wrapper, [wrapper.load_expert(path) for path in paths]  # load_expert checks the checkpoint
+
+
+def expert_digest(expert):
+    """sha256 of an expert's vectors, so that a mix notices a component retrained since the search."""
+    h = hashlib.sha256()
+    for name in sorted(expert.p):
+        h.update(name.encode() + expert.p[name].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_mix(wrapper, path, experts, alpha, **info):
+    """Writes z' = mix(experts, alpha) as an expert file, p' = logit(z' / (2 max z')) per matrix.
+
+    Dividing by 2 max z' puts z'/c in (0, 0.5], where sigmoid(logit(.)) round-trips to float
+    precision; the factor c is common to a matrix, and the SVF rescaling cancels it.
+    """
+    z = wrapper.mix(experts, alpha)
+    if any(bool((v <= 0).any()) for v in z.values()):
+        raise ValueError("the mix has scales <= 0, which an expert file (z = sigmoid(p)) cannot store; "
+                         "keep alpha >= 0 (--bounds 0 1)")
+    p = {name: torch.logit(v / (2 * v.max())) for name, v in z.items()}
+    components = [dict(path=e.path, digest=expert_digest(e), task=e.info.get("task")) for e in experts]
+    alpha = torch.as_tensor(alpha).tolist()
+    wrapper.save_expert(path, p, kind="fewshot-mix", alpha=alpha, experts=components, **info)
+
+
+def mix_from_file(wrapper, path):
+    """(z', info) of a file written by save_mix: z' = mix(components, alpha), exactly as the search
+    scored it. Refuses components that are missing or have changed since (their digests)."""
+    info = wrapper.load_expert(path).info
+    if info.get("kind") != "fewshot-mix":
+        raise ValueError(f"{path} is a single expert, not a few-shot mix written by cem.py")
+    experts = []
+    for c in info["experts"]:
+        found = c["path"] if os.path.exists(c["path"]) else os.path.join(os.path.dirname(path),
+                                                                          os.path.basename(c["path"]))
+        if not os.path.exists(found):
+            raise FileNotFoundError(f"{path} mixes {c['path']}, which does not exist any more")
+        e = wrapper.load_expert(found)
+        if expert_digest(e) != c["digest"]:
+            raise ValueError(f"{found} changed since cem.py mixed it into {path}; run cem.py again")
+        experts.append(e)
+    return wrapper.mix(experts, info["alpha"]), info
+
+
+# ----------------------------------------------------------------------------- the few-shot search
+
+def gold_completion(task, ex):
+    """A correct completion of ex's prompt written from the reference answer, or None where none fits.
+
+    When the prompt prefills the assistant turn, the part after the prefill (None if the reference
+    does not start with it, as with ARC's chain-of-thought prefill)."""
+    if task.name in ("arc_easy", "arc_challenge"):
+        option = ex.meta["options"][ex.meta["answer_index"]]
+        text = {"letter": ex.answer, "restate": f"{ex.answer}. {option}", "text": option}.get(task.prompt)
+    elif task.name in ("gsm8k", "math", "math500"):
+        text = ex.meta.get("solution")
+    elif task.name == "mbpp":
+        text = f"```python\n{ex.answer}\n```"
+    elif task.name == "humaneval":
+        text = f"```python\n{ex.meta['prompt']}{ex.answer}```"
+    else:
+        text = None
+    pre = prefill(ex)
+    return text[len(pre):] if text is not None and text.startswith(pre) else None
+
+
+class ShotFitness:
+    """fitness(x) = (accuracy on the shots, mean log-likelihood) of the mix with alpha = x.reshape(K, -1)."""
+
+    def __init__(self, wrapper, experts, task, shots, completer):
+        self.wrapper, self.experts, self.task, self.shots, self.completer = wrapper, experts, task, shots, completer
+        tok = completer.tok
+        self.prompts = [completer.encode(ex.messages) for ex in shots]
+        gold = [gold_completion(task, ex) for ex in shots]
+        self.gold = [None if g is None else tok.encode(g) for g in gold]
+
+    def __call__(self, x):
+        alpha = x.reshape(len(self.experts), -1)  # (K, 1) or (K, n_matrices)
+        alpha = alpha[:, 0] if alpha.shape[1] == 1 else alpha
+        z = self.wrapper.mix(self.experts, alpha)
+        # Scales <= 0 (alpha all zero for a matrix, or negative alpha) give no usable W': sum(sigma * z)
+        # is 0 or the matrix flips; such members are never elites.
+        if any(bool((v <= 0).any()) for v in z.values()):
+            return (-math.inf, -math.inf)
+        with torch.no_grad():
+            weights = self.wrapper.weights(z)
+        with self.wrapper.applied(weights=weights), torch.no_grad():
+            outputs = self.completer.generate_ids(self.prompts)
+            correct = self.task.score_many(self.shots, [self.completer.tok.decode(o) for o in outputs])
+            items = []  # (prompt, completion): the reference where there is one, else a correct own output
+            for prompt, gold, output, ok in zip(self.prompts, self.gold, outputs, correct):
+                completion = gold if gold is not None else (output if ok else None)
+                if completion:
+                    items.append((prompt, completion))
+            loglik = 0.0  # the official value when there is nothing to score
+            if items:
+                logp, mask = token_logprobs(self.wrapper.model, [p for p, _ in items], [c for _, c in items],
+                                            self.completer.tok.pad_id)
+                loglik = (logp.sum(1) / mask.sum(1)).mean().item()  # per-token mean, then over items
+        return (sum(correct) / len(correct), loglik)
+
+
+@dataclass
+class FewShotConfig:
+    task: str = "arc_challenge"
+    prompt: str = None  # None: the task's default prompt
+    shots: int = 10
+    shot_split: str = "test"  # the official FewShotTask draws from the split it evaluates
+    shot_seed: int = 16  # official
+    population: int = 32
+    elite_ratio: float = 0.2
+    generations: int = 50
+    init_std: float = 0.5
+    bounds: tuple = (0.0, 1.0)
+    per_matrix: bool = False
+    max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
+    batch_size: int = 16
+    seed: int = 0
+
+
+def search(cfg, model, tok, model_dir, task, expert_paths, out, log=print, **svf_kwargs):
+    """Runs the alpha search of cfg for `task` and writes the mix to `out`; returns the CEMResult."""
+    shots, _ = split_shots(task.load(cfg.shot_split), cfg.shots, seed=cfg.shot_seed)
+    wrapper, experts = load_experts(model, model_dir, expert_paths, log=log, **svf_kwargs)
+    completer = Completer(model, tok, cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+    fitness = ShotFitness(wrapper, experts, task, shots, completer)
+    K, n = len(experts), len(wrapper.names) if cfg.per_matrix else 1
+    log(f"few-shot search: {K} experts, {K * n} coefficients, {len(shots)} shots from {task.name}/{cfg.shot_split}, "
+        f"{cfg.population} x {cfg.generations} evaluations")
+    t0 = time.perf_counter()
+    result = cem(fitness, K * n, cfg.population, cfg.elite_ratio, cfg.generations, 1.0 / K, cfg.init_std,
+                 cfg.bounds, cfg.seed, log)
+    alpha = result.best.reshape(K, n)[:, 0] if n == 1 else result.best.reshape(K, n)  # (K,) or (K, n)
+    save_mix(wrapper, out, experts, alpha, task=task.name, prompt=task.prompt, fitness=list(result.fitness),
+             shots=dict(split=cfg.shot_split, seed=cfg.shot_seed, ids=[ex.id for ex in shots]),
+             config=dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, history=result.history)
+    shown = alpha.mean(-1) if n > 1 else alpha  # (K,): per expert, averaged over matrices with --per-matrix
+    log(f"alpha {[round(a, 4) for a in shown.tolist()]}{' (mean over matrices)' if n > 1 else ''}; "
+        f"on the shots: accuracy/log-likelihood {_fmt(result.fitness)}; wrote {out}")
+    return result
+
+
+def main(argv=None):
+    d = FewShotConfig()
+    ap = argparse.ArgumentParser(description="Few-shot mixing of SVF experts by CEM (Transformer² section 3.2).")
+    add_model_arguments(ap)
+    ap.add_argument("--task", required=True, help="arc_challenge, humaneval, math500, ...")
+    ap.add_argument("--prompt", default=d.prompt, help="prompt variant (default: the task's default)")
+    ap.add_argument("--experts", nargs="+", required=True, help="expert files to mix (same targets)")
+    ap.add_argument("--shots", type=int, default=d.shots, help="few-shot examples (default: %(default)s, official)")
+    ap.add_argument("--shot-split", default=d.shot_split, help="split the shots come from; adapt.py leaves them "
+                    "out of its evaluation (default: %(default)s, as the official code)")
+    ap.add_argument("--shot-seed", type=int, default=d.shot_seed, help="seed of data.split_shots (default: %(default)s)")
+    ap.add_argument("--population", type=int, default=d.population, help="(default: %(default)s, official)")
+    ap.add_argument("--elite-ratio", type=float, default=d.elite_ratio, help="(default: %(default)s, official)")
+    ap.add_argument("--generations", type=int, default=d.generations, help="(default: %(default)s)")
+    ap.add_argument("--init-std", type=float, default=d.init_std, help="(default: %(default)s, official)")
+    ap.add_argument("--bounds", type=float, nargs=2, default=d.bounds, metavar=("LOW", "HIGH"),
+                    help="alpha is clipped to [LOW, HIGH] (default: 0 1)")
+    ap.add_argument("--per-matrix", action="store_true", help="one alpha per expert and matrix (default: per expert)")
+    ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: per task")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--out", default=None, help="output expert file (default: experts/fewshot-<task>.safetensors)")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.experts if not os.path.exists(p)]
+    if missing:
+        ap.error(f"expert files not found: {missing} (train them with reinforce.py)")
+    if args.population < 2 or args.generations < 1 or not 0 < args.elite_ratio <= 1 or args.shots < 1:
+        ap.error("need --population >= 2, --generations >= 1, --shots >= 1 and 0 < --elite-ratio <= 1")
+    if args.bounds[0] >= args.bounds[1]:
+        ap.error(f"--bounds {args.bounds[0]} {args.bounds[1]}: LOW must be below HIGH")
+    cfg = FewShotConfig(**{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FewShotConfig)}})
+    cfg.bounds = tuple(cfg.bounds)
+    task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
+    task.load(cfg.shot_split)  # fail on missing data before loading the model
+    model, tok, model_dir = load(args)
+    out = args.out or os.path.join("experts", f"fewshot-{task.name}.safetensors")
+    return search(cfg, model, tok, model_dir, task, args.experts, out)
+
+
+if __name__ == "__main__":
+    main()
