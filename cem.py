@@ -1,15 +1,18 @@
 """Few-shot adaptation with the cross-entropy method (CEM): Transformer-Squared section 3.2, strategy (c).
 
 Given K experts z_1..z_K and a handful of examples of a new task, search the mixing coefficients
-alpha of  z' = sum_k alpha_k z_k  (svf.SVF.mix) that answer those examples best:
+alpha of  z' = sum_k alpha_k z_k  (svf.SVF.mix) that answer those examples best. Table 2's few-shot
+rows, one search per task (then see adapt.py's docstring for the evaluation):
 
-    python cem.py --task arc_challenge --experts experts/arc.safetensors experts/gsm8k.safetensors \
-        experts/mbpp.safetensors --out experts/fewshot-arc_challenge.safetensors
-    python cem.py --task math500 --experts ... --generations 20 --per-matrix   # one alpha per expert and matrix
+    E="experts/arc.safetensors experts/gsm8k.safetensors experts/mbpp.safetensors"
+    python cem.py --task arc_challenge --experts $E    # -> experts/fewshot-arc_challenge.safetensors
+    python cem.py --task math500 --experts $E
+    python cem.py --task humaneval --experts $E
+    python cem.py --task arc_challenge --experts $E --per-matrix --out experts/fewshot-arc_challenge-pm.safetensors
+    python adapt.py --strategy fewshot --task arc_challenge   # evaluates the mix on the test split minus the shots
 
-Then evaluate the mix on the rest of the split (adapt.py excludes the shots by itself):
-
-    python adapt.py --strategy fewshot --task arc_challenge --fewshot experts/fewshot-arc_challenge.safetensors
+Each search scores population x generations mixes (32 x 50 by default) on the shots: a recomposition
+of W' and a greedy generation for the shots per mix. `--generations` trades time for search.
 
 `cem()` is the method written generically: sample a population from N(mean, std^2), clip it to the
 bounds, score every member, refit mean and std to the best `elite_ratio` of them. Fitness may be a
@@ -38,6 +41,7 @@ default: the sigmoid makes every expert's z positive, and a mix must be too to b
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -53,6 +57,8 @@ from data import get_task, split_shots
 from data.task import prefill
 from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
 from model import token_logprobs
+
+say = functools.partial(print, flush=True)  # progress lines show up at once, also in a log file
 
 
 # ----------------------------------------------------------------------------- the method, generic
@@ -77,7 +83,7 @@ def _fmt(key):
 
 
 def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_mean=0.0, init_std=0.5,
-        bounds=None, seed=0, log=print):
+        bounds=None, seed=0, log=say):
     """Maximises fitness_fn(x), x a (dim,) float tensor, by the cross-entropy method.
 
     fitness_fn returns a number or a tuple (compared lexicographically: (accuracy, tie-break)).
@@ -111,7 +117,8 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
                    population_mean=sum(finite) / max(len(finite), 1), std=std.mean().item(),
                    seconds=time.perf_counter() - t0)
         history.append(row)
-        log(f"cem {gen:3d}/{generations} | best {_fmt(keys[order[0]])} | population mean "
+        x = f" at {[round(v, 3) for v in row['best_x']]}" if dim <= 8 else ""
+        log(f"cem {gen:3d}/{generations} | best {_fmt(keys[order[0]])}{x} | population mean "
             f"{row['population_mean']:.4f} | mean std {row['std']:.4f} | {row['seconds']:.1f}s")
     return CEMResult(best, keys[order[0]], mean, std, history)
 
@@ -255,7 +262,7 @@ class FewShotConfig:
     seed: int = 0
 
 
-def search(cfg, model, tok, model_dir, task, expert_paths, out, log=print, **svf_kwargs):
+def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, **svf_kwargs):
     """Runs the alpha search of cfg for `task` and writes the mix to `out`; returns the CEMResult."""
     shots, _ = split_shots(task.load(cfg.shot_split), cfg.shots, seed=cfg.shot_seed)
     wrapper, experts = load_experts(model, model_dir, expert_paths, log=log, **svf_kwargs)
@@ -288,7 +295,7 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=d.shots, help="few-shot examples (default: %(default)s, official)")
     ap.add_argument("--shot-split", default=d.shot_split, help="split the shots come from; adapt.py leaves them "
                     "out of its evaluation (default: %(default)s, as the official code)")
-    ap.add_argument("--shot-seed", type=int, default=d.shot_seed, help="seed of data.split_shots (default: %(default)s)")
+    ap.add_argument("--shot-seed", type=int, default=d.shot_seed, help="data.split_shots seed (default: %(default)s)")
     ap.add_argument("--population", type=int, default=d.population, help="(default: %(default)s, official)")
     ap.add_argument("--elite-ratio", type=float, default=d.elite_ratio, help="(default: %(default)s, official)")
     ap.add_argument("--generations", type=int, default=d.generations, help="(default: %(default)s)")
@@ -307,7 +314,8 @@ def main(argv=None):
         ap.error("need --population >= 2, --generations >= 1, --shots >= 1 and 0 < --elite-ratio <= 1")
     if args.bounds[0] >= args.bounds[1]:
         ap.error(f"--bounds {args.bounds[0]} {args.bounds[1]}: LOW must be below HIGH")
-    cfg = FewShotConfig(**{k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(FewShotConfig)}})
+    names = {f.name for f in dataclasses.fields(FewShotConfig)}
+    cfg = FewShotConfig(**{k: v for k, v in vars(args).items() if k in names})
     cfg.bounds = tuple(cfg.bounds)
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
     task.load(cfg.shot_split)  # fail on missing data before loading the model
