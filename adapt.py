@@ -133,7 +133,8 @@ class Adapter:
     def classify_with_model(self, problems):
         """Pass 1 of prompt/cls: the label the model gives each question, "other" when it names none."""
         prompts = [self.cls_completer.encode(self.cls_task.messages({"problem": p})) for p in problems]
-        return [extract_label(self.tok.decode(ids)) or "other" for ids in self.cls_completer.generate_ids(prompts)]
+        self.said = [self.tok.decode(ids) for ids in self.cls_completer.generate_ids(prompts)]  # kept for display
+        return [extract_label(text) or "other" for text in self.said]
 
     def choose(self, problems):
         """Pass 1: one key of self.routes per question."""
@@ -273,7 +274,8 @@ def main(argv=None):
         model, tok, model_dir = load(args)
         adapter = Adapter(model, tok, model_dir, cfg)
         choice = adapter.choose([args.question])[0]
-        say(f"pass 1: {choice} -> {adapter.routes[choice] or 'base weights'}")
+        said = f" (the classifier said {adapter.said[0]!r})" if getattr(adapter, "said", None) else ""
+        say(f"pass 1: {choice}{said} -> {adapter.routes[choice] or 'base weights'}")
         completer = Completer(model, tok, args.max_new_tokens or 256, batch_size=1)
         ids = adapter.answer([completer.encode([{"role": "user", "content": args.question}])], [choice], completer)[0]
         say(tok.decode(ids))
