@@ -397,14 +397,10 @@ class SVF(nn.Module):
 
 
 def load_expert_for(model, model_dir, path, **svf_kwargs):
-    """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"expert file {path} does not exist (train one with reinforce.py)")
+    """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself;
+    load_expert then refuses a file that is no expert or belongs to another checkpoint."""
     _, meta, _ = safetensors_io.read_header(path)
-    if meta.get("format") != EXPERT_FORMAT:
-        raise ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {EXPERT_FORMAT!r} "
-                             f"(is it an SVF expert file?)")
-    wrapper = SVF(model, checkpoint_identity(model_dir), meta["targets"], **svf_kwargs)
+    wrapper = SVF(model, checkpoint_identity(model_dir), meta.get("targets", "mlp"), **svf_kwargs)
     return wrapper, wrapper.load_expert(path)
 
 

@@ -279,6 +279,22 @@ def test_mismatched_expert_is_refused(tiny, tmp_path):
         s_mlp.load_expert(path)
 
 
+def test_load_expert_for_reads_the_targets_from_the_file(tiny, tmp_path):
+    model, s_all, path = tiny(targets="all")
+    s_mlp = svf.SVF(model, s_all.identity, "mlp", seed=3)
+    expert_path = str(tmp_path / "mlp.safetensors")
+    s_mlp.save_expert(expert_path, task="gsm8k")
+    wrapper, expert = svf.load_expert_for(model, path, expert_path)
+    assert wrapper.targets == "mlp" and expert.info == {"task": "gsm8k"}
+    for name, p in zip(s_mlp.names, s_mlp.p):
+        assert torch.equal(expert.p[name], p.detach())
+    safetensors_io.save(expert_path, {"x": torch.zeros(3)}, {"format": "pt"})
+    with pytest.raises(svf.ExpertMismatch, match="is it an SVF expert file"):
+        svf.load_expert_for(model, path, expert_path)
+    with pytest.raises(FileNotFoundError):
+        svf.load_expert_for(model, path, str(tmp_path / "missing.safetensors"))
+
+
 def test_mixing(tiny):
     _, s, _ = tiny(targets="mlp")
     g = torch.Generator().manual_seed(0)
