@@ -200,13 +200,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, logits_from=0):
         """input_ids (B, T) -> logits (B, T, vocab). attention_mask (B, T): 1 real token, 0 padding.
 
         With a cache, the T new tokens are appended after cache.length earlier positions.
-        Padding is allowed on the left only, as generate() makes it. last_only: logits of the last
-        position only, (B, 1, vocab), all that generation needs (the output head is a fifth of the
-        prefill's work at this model size).
+        Padding is allowed on the left only, as generate() makes it. logits_from: logits of positions
+        logits_from: only, (B, T - logits_from, vocab). Generation needs the last one (-1), training
+        the completion's; the output head is a fifth of the work at this model size.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -239,8 +239,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        if last_only:
-            x = x[:, -1:]
+        x = x[:, logits_from:]
         return self.lm_head(self.model.norm(x))  # (B, T, vocab)
 
 
@@ -343,7 +342,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = []
-    logits = model(ids, mask, cache, last_only=True)[:, -1]  # prefill: (B, vocab) at the last prompt token
+    logits = model(ids, mask, cache, logits_from=-1)[:, -1]  # prefill: (B, vocab) at the last prompt token
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, generator)  # (B,)
         steps.append(nxt)
@@ -376,7 +375,7 @@ def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_l
     comp_mask = torch.zeros(len(seqs), L, dtype=torch.bool, device=device)
     for i, c in enumerate(completions):
         comp_mask[i, :len(c)] = True
-    logits = forward(ids, mask)[:, P - 1:-1]  # (B, L, vocab): position t predicts token t + 1
+    logits = forward(ids, mask, logits_from=P - 1)[:, :-1]  # (B, L, vocab): position t predicts t + 1
     targets = ids[:, P:]  # (B, L)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     logp = logp * comp_mask

@@ -106,8 +106,8 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
     t_recomp = time.perf_counter() - t0
 
-    def forward(ids, mask):
-        return torch.func.functional_call(model, leaves, (ids, mask))
+    def forward(ids, mask, **kwargs):
+        return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
     B = len(prompts)
     r = torch.tensor(rewards, dtype=torch.float32)

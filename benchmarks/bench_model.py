@@ -45,7 +45,7 @@ def bench(model, runs, prompt_len=512, new_tokens=32):
     short = torch.randint(100, vocab, (16,), generator=g).tolist()
     generate(model, [short], 4)  # warm-up
     # prefill as generation does it: the whole prompt through the model, logits of the last position
-    prefill = median_time(lambda: model(torch.tensor([prompt]), last_only=True), runs)
+    prefill = median_time(lambda: model(torch.tensor([prompt]), logits_from=-1), runs)
     out = {"prefill tok/s (512)": prompt_len / prefill}
     for batch in (1, 16):
         prompts = [short] * batch

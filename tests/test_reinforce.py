@@ -115,7 +115,7 @@ def test_kl_is_zero_at_initialisation_and_positive_after_a_change(setup):
         for p in wrapper.p:
             p.fill_(0.3)  # all scales equal: W' = W up to the SVD's float error
     prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
-    forward = lambda ids, mask: wrapper(ids, mask)
+    forward = lambda ids, mask, **kw: wrapper(ids, mask, **kw)
     _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
     kl, n = reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)
     assert n == 5 and abs(kl.item() / 5) < 1e-6
