@@ -187,8 +187,9 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     torch.manual_seed(cfg.seed)
     wrapper = svf.SVF(model, svf.checkpoint_identity(model_dir), cfg.targets, seed=cfg.seed)
     opt = torch.optim.Adam(wrapper.parameters(), lr=cfg.lr)
-    completer = Completer(model, tok, cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
-                          cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed)
+    max_new = cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
+    completer = Completer(model, tok, max_new, cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed)
+    greedy = Completer(model, tok, max_new, 0.0, batch_size=cfg.batch_size)  # validation never samples
     os.makedirs(run_dir, exist_ok=True)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
 
@@ -219,7 +220,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     def validate():
         t0 = time.perf_counter()
         with torch.no_grad(), wrapper.applied():
-            res = evaluate(task, val_set, completer, batch_size=len(val_set), progress=False)
+            res = evaluate(task, val_set, greedy, batch_size=len(val_set), progress=False)
         print(f"eval step {step} | validation accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) "
               f"| unparsable {res.unparsable:.1%} | {time.perf_counter() - t0:.1f}s", flush=True)
         log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable})

@@ -141,3 +141,15 @@ def test_batches_cover_the_training_set_each_epoch():
     assert sorted(seen) == list(range(48))
     assert reinforce.batch_indices(48, 5, 16, 0) == reinforce.batch_indices(48, 5, 16, 0)
     assert len(reinforce.batch_indices(10, 0, 16, 0)) == 16  # batch larger than an epoch wraps around
+
+
+def test_validation_is_greedy_when_rollouts_sample(setup, tmp_path):
+    """--temperature changes the rollouts only: the step-0 validation (base weights) is the greedy
+    accuracy whatever the seed, and the sampled training batches differ between seeds."""
+    run(setup, tmp_path, "a", steps=1, temperature=5.0, seed=1)
+    run(setup, tmp_path, "b", steps=1, temperature=5.0, seed=2)
+    run(setup, tmp_path, "g", steps=1, temperature=0.0, seed=1)
+    rows = {n: [json.loads(l) for l in open(tmp_path / n / "log.jsonl")] for n in "abg"}
+    val0 = {n: r[0]["accuracy"] for n, r in rows.items()}
+    assert rows["a"][0]["kind"] == "eval" and len(set(val0.values())) == 1, val0
+    assert rows["a"][1]["loss"] != rows["b"][1]["loss"]
