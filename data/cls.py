@@ -18,7 +18,7 @@ import re
 from .arc import ArcTask
 from .gsm8k import Gsm8kTask
 from .mbpp import MbppTask
-from .task import Example, Task, system, user
+from .task import Example, Task, assistant, system, user
 
 SEED = 0
 PER_CLASS = {"train": 300, "validation": 90}
@@ -50,6 +50,13 @@ def official_prompt(rec):
     return [system(OFFICIAL_SYSTEM), user(rec["problem"])]
 
 
+def category_prompt(rec):
+    """The question is quoted and the reply starts with "Category:", an assistant prefill: left to
+    itself the default model answers the question instead of classifying it."""
+    ask = f"Question:\n{rec['problem']}\n\nIs this question about math, code, or reasoning?"
+    return [system(ONEWORD_SYSTEM), user(ask), assistant("Category:")]
+
+
 def oneword_prompt(rec):
     return [system(ONEWORD_SYSTEM), user(rec["problem"])]
 
@@ -69,7 +76,7 @@ def extract_label(text):
 class ClsTask(Task):
     name = "cls"
     splits = ("train", "validation")
-    prompts = {"official": official_prompt, "oneword": oneword_prompt}
+    prompts = {"official": official_prompt, "oneword": oneword_prompt, "category": category_prompt}
     default_prompt = "oneword"   # provisional; the default is chosen by measured validation accuracy
 
     def records(self, split):

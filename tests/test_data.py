@@ -150,6 +150,15 @@ def test_cls_extraction():
     assert task.extract("\\boxed{physics}") is None and task.extract("") is None
 
 
+def test_cls_category_prompt_is_a_prefill_that_extraction_reads():
+    task = get_task("cls", prompt="category")
+    messages = task.messages({"problem": "What is 2 + 3?"})
+    assert messages[-1] == {"role": "assistant", "content": "Category:"}
+    assert "What is 2 + 3?" in messages[1]["content"]
+    assert task.extract(" math\nThe question adds numbers.") == "math"      # the continuation only
+    assert task.extract(" code or math") is None
+
+
 # --- ARC -----------------------------------------------------------------------------------------
 
 @needs_data
