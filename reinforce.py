@@ -20,6 +20,9 @@ gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable tex
 generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
 10 steps and the best expert on validation is the one kept. We validate on a fixed subset of the
 validation split (`--eval-limit`) to keep a CPU run short; the official code uses all of it.
+`--samples K` (not official) draws K sampled rollouts of each of B/K questions; with `--baseline`
+each rollout's reward is then compared with the mean of its own question's K rollouts (the "group"
+baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
 
 Never loses work: the training state (p, Adam, step, best expert, random state) is written atomically
 after every step, so Ctrl-C or a kill costs at most the step in progress; `--resume` continues and,
@@ -56,6 +59,7 @@ class TrainConfig:
     lr: float = 2e-3
     kl: float = 0.0  # lambda; the paper sweeps 0, 0.1, 0.2, 0.3
     baseline: bool = False
+    samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
     temperature: float = 0.0
     max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
     clip: float = 1e-3
@@ -84,6 +88,16 @@ def batch_indices(n, step, batch_size, seed):
     return out
 
 
+def advantages(rewards, baseline=False, samples=1):
+    """The weight of each rollout in the loss: its reward, less the mean reward of its own question's
+    `samples` rollouts (consecutive in the batch) when samples > 1, or of the whole batch."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    if not baseline:
+        return r
+    groups = r.view(-1, samples) if samples > 1 else r.view(1, -1)  # (questions, K) or (1, B)
+    return (groups - groups.mean(1, keepdim=True)).flatten()
+
+
 def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
     """Mean over generated tokens of KL(pi_new || pi_base), summed over the vocabulary."""
     with torch.no_grad():
@@ -110,8 +124,7 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
         return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
     B = len(prompts)
-    r = torch.tensor(rewards, dtype=torch.float32)
-    advantage = r - r.mean() if cfg.baseline else r
+    advantage = advantages(rewards, cfg.baseline, cfg.samples)
     total_loss, kl_sum, kl_count = 0.0, 0.0, 0
     t0 = time.perf_counter()
     for s in range(0, B, cfg.micro_batch):
@@ -244,7 +257,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             validate()  # step 0: W' = W up to float error, i.e. the base model's accuracy
             save_state()
         while step < cfg.steps:
-            batch = [train_set[i] for i in batch_indices(len(train_set), step, cfg.batch_size, cfg.seed)]
+            questions = batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)
+            batch = [train_set[i] for i in questions for _ in range(cfg.samples)]  # K copies in a row
             prompts = [completer.encode(ex.messages) for ex in batch]
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -297,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s, official)")
     ap.add_argument("--kl", type=float, default=d.kl, help="KL coefficient lambda (default: %(default)s, official)")
     ap.add_argument("--baseline", action="store_true", help="subtract the batch's mean reward (not official)")
+    ap.add_argument("--samples", type=int, default=d.samples,
+                    help="rollouts per question, with --baseline a per-question baseline (default: %(default)s; not official)")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy rollouts (official)")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: per task")
     ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (default: %(default)s, official)")
@@ -313,6 +329,10 @@ def main(argv=None):
         ap.error("--steps, --eval-every, --micro-batch and --eval-limit must be at least 1")
     if args.kl < 0 or args.temperature < 0 or args.lr <= 0:
         ap.error("--kl and --temperature must be >= 0 and --lr > 0")
+    if args.samples < 1 or args.batch_size % args.samples:
+        ap.error(f"--samples must be >= 1 and divide --batch-size ({args.batch_size})")
+    if args.samples > 1 and args.temperature == 0:
+        ap.error("--samples > 1 needs --temperature > 0: greedy rollouts of one question are identical")
     cfg = config_from_args(args)
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
     task.load("train")  # fail on missing data before loading the model

@@ -153,3 +153,28 @@ def test_validation_is_greedy_when_rollouts_sample(setup, tmp_path):
     val0 = {n: r[0]["accuracy"] for n, r in rows.items()}
     assert rows["a"][0]["kind"] == "eval" and len(set(val0.values())) == 1, val0
     assert rows["a"][1]["loss"] != rows["b"][1]["loss"]
+
+
+def test_group_baseline_compares_rollouts_of_the_same_question():
+    r = [1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]                 # two questions, 4 rollouts each
+    assert reinforce.advantages(r).tolist() == r                      # official: the raw reward
+    assert reinforce.advantages(r, baseline=True).tolist() == [0.75] + [-1.25] * 3 + [0.75] * 4  # mean 0.25
+    assert reinforce.advantages(r, baseline=True, samples=4).tolist() == [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0]
+
+
+def test_group_rollouts_learn_the_bandit(setup, tmp_path):
+    # temperature 0.1: the tiny random model is nearly uniform over its 259 bytes, so hotter samples
+    # are nearly uniform too and the reward barely moves in 40 steps
+    run(setup, tmp_path, steps=40, temperature=0.1, samples=4, baseline=True)
+    r = rewards(tmp_path)
+    assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.5, r
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "3"], "divide --batch-size"),
+    (["--samples", "4"], "needs --temperature"),
+])
+def test_contradictory_sampling_flags_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        reinforce.main(["--task", "arc"] + flags)
+    assert message in capsys.readouterr().err
