@@ -50,15 +50,23 @@ def official_prompt(rec):
     return [system(OFFICIAL_SYSTEM), user(rec["problem"])]
 
 
-def category_prompt(rec):
-    """The question is quoted and the reply starts with "Category:", an assistant prefill: left to
-    itself the default model answers the question instead of classifying it."""
-    ask = f"Question:\n{rec['problem']}\n\nIs this question about math, code, or reasoning?"
-    return [system(ONEWORD_SYSTEM), user(ask), assistant("Category:")]
-
-
 def oneword_prompt(rec):
     return [system(ONEWORD_SYSTEM), user(rec["problem"])]
+
+
+# Three hand-written demonstrations (not drawn from any split), shown as earlier chat turns.
+DEMOS = [("Write a function that returns the largest element of a list.", "code"),
+         ("A shop sells pens at $3 each. How many dollars do 7 pens cost?", "math"),
+         ("Which gas do plants take in from the air? A. oxygen B. carbon dioxide C. helium", "reasoning")]
+
+
+def fewshot_prompt(rec):
+    """Demonstrations as earlier turns: left to itself the default model answers the question (or
+    repeats the list of categories) instead of naming one."""
+    turns = [system(ONEWORD_SYSTEM)]
+    for question, label in DEMOS:
+        turns += [user(question), assistant(label)]
+    return turns + [user(rec["problem"])]
 
 
 def extract_label(text):
@@ -76,8 +84,8 @@ def extract_label(text):
 class ClsTask(Task):
     name = "cls"
     splits = ("train", "validation")
-    prompts = {"official": official_prompt, "oneword": oneword_prompt, "category": category_prompt}
-    default_prompt = "oneword"   # provisional; the default is chosen by measured validation accuracy
+    prompts = {"official": official_prompt, "oneword": oneword_prompt, "fewshot": fewshot_prompt}
+    default_prompt = "fewshot"   # measured on validation: 42% against 2-3% for oneword and a prefill (README)
 
     def records(self, split):
         rng = random.Random(SEED)

@@ -150,13 +150,13 @@ def test_cls_extraction():
     assert task.extract("\\boxed{physics}") is None and task.extract("") is None
 
 
-def test_cls_category_prompt_is_a_prefill_that_extraction_reads():
-    task = get_task("cls", prompt="category")
+def test_cls_fewshot_prompt_shows_one_demonstration_per_label_before_the_question():
+    task = get_task("cls", prompt="fewshot")
     messages = task.messages({"problem": "What is 2 + 3?"})
-    assert messages[-1] == {"role": "assistant", "content": "Category:"}
-    assert "What is 2 + 3?" in messages[1]["content"]
-    assert task.extract(" math\nThe question adds numbers.") == "math"      # the continuation only
-    assert task.extract(" code or math") is None
+    assert messages[-1] == {"role": "user", "content": "What is 2 + 3?"}
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert sorted(answers) == ["code", "math", "reasoning"]
+    assert all(task.extract(a) == a for a in answers)
 
 
 # --- ARC -----------------------------------------------------------------------------------------
