@@ -44,7 +44,7 @@ def tests_prompt(rec):
 class MbppTask(CodeTask):
     name = "mbpp"
     prompts = {"official": official_prompt, "tests": tests_prompt}
-    default_prompt = "tests"   # provisional; the default is chosen by measured validation accuracy
+    default_prompt = "tests"   # validation: 11.1% against 6.7% for official (README)
 
     def records(self, split):
         lo, hi = RANGES[split]
