@@ -264,6 +264,8 @@ def main(argv=None):
         if not args.task:
             ap.error("--strategy fewshot with --question needs --fewshot FILE (written by cem.py)")
         args.fewshot = os.path.join("experts", f"fewshot-{get_task(args.task).name}.safetensors")
+    if args.classify_only:  # pass 2 never runs, so its experts need not exist yet
+        args.code_expert = args.math_expert = args.reasoning_expert = "base"
     cfg = AdaptConfig(**{f.name: getattr(args, f.name) for f in fields(AdaptConfig)})
     for flag, path, how in cfg.files() + [("--exclude-shots", args.exclude_shots, "python cem.py"),
                                           ("--compare", args.compare, "adapt.py --out")]:

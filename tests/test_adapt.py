@@ -194,6 +194,20 @@ def test_cli_errors_are_clear(capsys, tmp_path):
         assert message in capsys.readouterr().err, argv
 
 
+def test_classify_only_needs_no_pass_2_experts(tmp_path, monkeypatch):
+    class Loaded(Exception):
+        pass
+
+    def load(args):
+        raise Loaded  # reached only when the file checks passed
+
+    monkeypatch.setattr(adapt, "load", load)
+    monkeypatch.setattr(adapt, "get_task", lambda name, prompt=None, data_dir=None: TwoCategoryTask())
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(Loaded):
+        adapt.main(["--task", "mixed", "--classify-only", "--code-expert", missing, "--math-expert", missing])
+
+
 def test_cli_leaves_out_the_shots_and_compares_item_by_item(setup, tmp_path, monkeypatch, capsys):
     model, tok, path, paths = setup
     monkeypatch.setenv("T2_CACHE_DIR", str(tmp_path / "cache"))
