@@ -1,6 +1,7 @@
 """CEM on synthetic functions, and the few-shot alpha search on a tiny random model with a synthetic task."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from model import load_model, token_logprobs
 from tokenizer import GPT2_PATTERN, Tokenizer
 
 quiet = lambda *a, **k: None  # noqa: E731
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("T2_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no task data at {DATA}; set T2_DATA_DIR")
 
 
 # ----------------------------------------------------------------------------- the method
@@ -118,18 +122,19 @@ def setup(tiny_checkpoint, tmp_path):
     return model, byte_tokenizer(), path, wrapper, paths
 
 
+@needs_data
 def test_gold_completions_follow_the_prompt():
-    arc = get_task("arc_challenge", prompt="letter")
+    arc = get_task("arc_challenge", prompt="letter", data_dir=DATA)
     ex = arc.load("validation")[0]
     assert cem.gold_completion(arc, ex) == ex.answer
-    assert cem.gold_completion(get_task("arc_challenge", prompt="official"), ex) is None  # CoT prefill
-    gsm = get_task("gsm8k")
+    assert cem.gold_completion(get_task("arc_challenge", prompt="official", data_dir=DATA), ex) is None  # CoT prefill
+    gsm = get_task("gsm8k", data_dir=DATA)
     ex = gsm.load("validation")[0]
     assert cem.gold_completion(gsm, ex) == ex.meta["solution"]
-    mbpp = get_task("mbpp", prompt="official")  # prefilled with "```python"
+    mbpp = get_task("mbpp", prompt="official", data_dir=DATA)  # prefilled with "```python"
     ex = mbpp.load("validation")[0]
     assert cem.gold_completion(mbpp, ex) == f"\n{ex.answer}\n```"
-    he = get_task("humaneval", prompt="official")
+    he = get_task("humaneval", prompt="official", data_dir=DATA)
     ex = he.load("test")[0]
     gold = cem.gold_completion(he, ex)
     assert gold is not None and ex.answer in gold and he.score(ex, gold)  # the reference passes its tests
