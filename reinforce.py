@@ -15,8 +15,8 @@ the answer and -1 otherwise, then one Adam step on
 
 Simplifications, as in the official code unless said otherwise: no baseline (`--baseline` subtracts
 the batch's mean reward, which the official code does not; without it a model that is mostly wrong
-gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable text after ~20 steps); greedy decoding for the rollouts
-(`--temperature` > 0 samples instead); the KL term is computed over the whole vocabulary at the
+gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable text after ~20 steps);
+greedy decoding for the rollouts (`--temperature` > 0 samples instead); the KL term is computed over the whole vocabulary at the
 generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
 10 steps and the best expert on validation is the one kept. We validate on a fixed subset of the
 validation split (`--eval-limit`) to keep a CPU run short; the official code uses all of it.
