@@ -3,21 +3,23 @@
     python evaluate_model.py --task arc_easy --split test
     python evaluate_model.py --task arc_easy --split test --expert experts/arc.safetensors
     python evaluate_model.py --task gsm8k --split validation --limit 200 --prompt official
+    python evaluate_model.py --task gsm8k --split test --out runs/gsm8k.json --resume
 
 Prints one progress line per batch and a summary (accuracy with its 95% interval, unparsable rate,
-wall time), and with --out writes every prompt, output and extracted answer as JSON.
+wall time), and with --out writes every prompt, output and extracted answer as JSON, after every
+batch; `--resume` continues an interrupted run from that file (or extends a --limit run).
 
 `Completer` is the bridge between a model and the tasks in data/: it renders chat messages with the
 checkpoint's template and generates with model.generate. reinforce.py and adapt.py use it too.
 """
 
 import argparse
-import time
+import os
 
 import torch
 
 import checkpoints
-from data import add_data_dir_argument, evaluate, get_task
+from data import Result, add_data_dir_argument, evaluate, get_task
 from model import generate, load_model
 from tokenizer import Tokenizer
 
@@ -85,24 +87,35 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     ap.add_argument("--expert", default=None, help="an SVF expert file to apply (see reinforce.py)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: per task, see MAX_NEW_TOKENS")
-    ap.add_argument("--out", default=None, help="write per-item records to this JSON file")
+    ap.add_argument("--out", default=None, help="write per-item records to this JSON file (after every batch)")
+    ap.add_argument("--resume", action="store_true", help="skip the items already in --out and add the rest")
     args = ap.parse_args()
 
     task = get_task(args.task, prompt=args.prompt, data_dir=args.data_dir)
     task.load(args.split)  # fail on missing data before loading the model
+    previous = None
+    if args.resume:
+        if not args.out or not os.path.exists(args.out):
+            raise SystemExit(f"--resume continues the run saved in --out; found no file at {args.out!r}")
+        previous = Result.load(args.out)
+    path = checkpoints.resolve_model(args.model)
+    max_new = args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
+    # what a resumed run must share with the saved one (batch size only changes the speed)
+    settings = dict(model=os.path.abspath(path), expert=args.expert and os.path.abspath(args.expert),
+                    dtype=args.dtype, max_new_tokens=max_new, temperature=0.0)
+    if previous is not None and previous.settings != settings:
+        raise SystemExit(f"--resume: {args.out} was made with {previous.settings}, this run uses {settings}")
     model, tok, path = load(args)
-    completer = Completer(model, tok, args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
-                          batch_size=args.batch_size)
+    completer = Completer(model, tok, max_new, batch_size=args.batch_size)
+    run = dict(limit=args.limit, batch_size=args.batch_size * 2, previous=previous, out=args.out, settings=settings)
     if args.expert:
         import svf
         wrapper, expert = svf.load_expert_for(model, path, args.expert)
         with wrapper.applied(wrapper.scales(expert.p)):
-            result = evaluate(task, args.split, completer, limit=args.limit, batch_size=args.batch_size * 2)
+            result = evaluate(task, args.split, completer, **run)
     else:
-        result = evaluate(task, args.split, completer, limit=args.limit, batch_size=args.batch_size * 2)
+        result = evaluate(task, args.split, completer, **run)
     print(result.summary())
-    if args.out:
-        result.save(args.out)
 
 
 if __name__ == "__main__":

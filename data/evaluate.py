@@ -11,6 +11,9 @@
 string per list. When a message list ends with an assistant message (a prefill), the completion
 must continue it and return only the continuation.
 
+A long run need not be lost: `evaluate(..., out=path)` saves the records after every batch (atomically),
+and `evaluate(..., previous=Result.load(path))` skips the items already done and keeps their records.
+
 Base-vs-expert comparisons run both on the same items; `paired_difference(a, b)` gives the
 accuracy difference with a 95% interval for such paired runs, which is much tighter than two
 separate intervals.
@@ -18,6 +21,7 @@ separate intervals.
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -41,6 +45,7 @@ class Result:
     prompt: str
     records: list = field(default_factory=list)
     wall_s: float = 0.0
+    settings: dict = field(default_factory=dict)  # how the outputs were made: model, expert, decoding
 
     @property
     def n(self):
@@ -68,18 +73,44 @@ class Result:
                 f"{self.wall_s:.1f}s")
 
     def save(self, path):
-        with open(path, "w") as f:
+        """Writes the result as JSON, atomically: a crash mid-write leaves the old file intact."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump(dict(task=self.task, split=self.split, prompt=self.prompt, accuracy=self.accuracy,
-                           n=self.n, unparsable=self.unparsable, wall_s=self.wall_s,
+                           n=self.n, unparsable=self.unparsable, wall_s=self.wall_s, settings=self.settings,
                            records=[asdict(r) for r in self.records]), f, indent=1, default=str)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        """A Result written by `save`. Extracted and gold answers come back as JSON gives them."""
+        with open(path) as f:
+            d = json.load(f)
+        return cls(d["task"], d["split"], d["prompt"], [Record(**r) for r in d["records"]], d["wall_s"],
+                   d.get("settings", {}))
 
 
-def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True):
+def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True, previous=None, out=None,
+             settings=None):
     """Runs `complete_fn` on the examples of `split` (or on a list of Examples passed as `split`),
-    the first `limit` of them if given, and scores the outputs. Returns a Result."""
+    the first `limit` of them if given, and scores the outputs. Returns a Result.
+
+    previous: a Result of an interrupted run of the same task, split, prompt and settings; its items
+    are not run again and its records and wall time carry over. out: save the Result there after
+    every batch. settings: recorded in the Result (and compared with previous.settings)."""
     examples = task.load(split) if isinstance(split, str) else list(split)
     examples = examples[:limit] if limit is not None else examples
-    result = Result(task.name, split if isinstance(split, str) else "custom", task.prompt)
+    result = Result(task.name, split if isinstance(split, str) else "custom", task.prompt, settings=settings or {})
+    if previous is not None:
+        check_same_run(previous, result)
+        ids = {ex.id for ex in examples}
+        result.records = [r for r in previous.records if r.id in ids]
+        result.wall_s = previous.wall_s
+        done = {r.id for r in result.records}
+        examples = [ex for ex in examples if ex.id not in done]
+        if progress:
+            print(f"resuming: {len(done)} items already done, {len(examples)} to go", flush=True)
+    total, wall_before = result.n + len(examples), result.wall_s
     start = time.perf_counter()
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
@@ -90,11 +121,21 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True)
         correct = task.score_many(batch, outputs)
         result.records += [Record(ex.id, ex.messages, out, x, ex.answer, bool(c))
                            for ex, out, x, c in zip(batch, outputs, extracted, correct)]
-        result.wall_s = time.perf_counter() - start
+        result.wall_s = wall_before + time.perf_counter() - start
+        if out:
+            result.save(out)
         if progress:
-            print(f"{task.name}/{result.split} {result.n}/{len(examples)} | accuracy {result.accuracy:.4f} "
-                  f"| {result.n / result.wall_s:.2f} items/s", flush=True)
+            print(f"{task.name}/{result.split} {result.n}/{total} | accuracy {result.accuracy:.4f} "
+                  f"| {(i + len(batch)) / (time.perf_counter() - start):.2f} items/s", flush=True)
     return result
+
+
+def check_same_run(previous, result):
+    """Refuses to continue `previous` into `result` when they were not made the same way."""
+    for key in ("task", "split", "prompt", "settings"):
+        if getattr(previous, key) != getattr(result, key):
+            raise ValueError(f"cannot resume: the saved result has {key} {getattr(previous, key)!r}, "
+                             f"this run has {getattr(result, key)!r}")
 
 
 def wilson_interval(k, n, z=Z95):

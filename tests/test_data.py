@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import sys
 
 import pytest
 
@@ -260,6 +261,48 @@ def test_evaluate_with_a_fake_completion_function(capsys, tmp_path):
     result.save(tmp_path / "result.json")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["accuracy"] == 0.5 and saved["records"][0]["id"] == result.records[0].id
+
+
+@needs_data
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
+    task, out = get_task("gsm8k", data_dir=DATA), tmp_path / "run.json"
+    seen = []
+
+    def dies_on_third_batch(batch):
+        seen.extend(m[-1]["content"] for m in batch)
+        if len(seen) > 8:
+            raise KeyboardInterrupt
+        return ["#### 1"] * len(batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(task, "validation", dies_on_third_batch, limit=10, batch_size=4, out=out, settings={"m": 1})
+    saved = Result.load(out)
+    assert saved.n == 8 and saved.settings == {"m": 1}          # the two finished batches are on disk
+    seen.clear()
+    resumed = evaluate(task, "validation", lambda b: seen.extend(b) or ["#### 1"] * len(b), limit=10,
+                       batch_size=4, previous=saved, out=out, settings={"m": 1}, progress=False)
+    assert len(seen) == 2                                          # only the two missing items ran
+    full = evaluate(task, "validation", lambda b: ["#### 1"] * len(b), limit=10, progress=False)
+    assert [r.id for r in resumed.records] == [r.id for r in full.records]
+    assert Result.load(out).n == 10 and resumed.wall_s >= saved.wall_s
+    with pytest.raises(ValueError, match="settings"):               # made another way: refused
+        evaluate(task, "validation", lambda b: [], limit=10, previous=saved, settings={"m": 2})
+    with pytest.raises(ValueError, match="prompt"):
+        evaluate(get_task("gsm8k", prompt="cot", data_dir=DATA), "validation", lambda b: [], previous=saved,
+                 settings={"m": 1})
+
+
+@needs_data
+def test_evaluate_model_resume_refuses_a_run_made_another_way(tmp_path, monkeypatch, capsys):
+    import evaluate_model
+    out = tmp_path / "run.json"
+    argv = ["evaluate_model.py", "--task", "gsm8k", "--split", "validation", "--out", str(out), "--resume"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="found no file"):
+        evaluate_model.main()
+    Result("gsm8k", "validation", "official", [], settings={"max_new_tokens": 999}).save(out)
+    with pytest.raises(SystemExit, match="was made with .*999"):   # before any model is loaded
+        evaluate_model.main()
 
 
 def test_wilson_interval_and_paired_difference():
