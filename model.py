@@ -179,6 +179,12 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def keep(self, rows):
+        """Keeps only the batch rows `rows` (a LongTensor), e.g. the sequences still generating."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.key_mask = self.key_mask.index_select(0, rows)
+
 
 # ----------------------------------------------------------------------------- the model
 
@@ -340,20 +346,22 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
                          f"{window}, which this implementation does not apply")
     cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
     stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = []
+    rows = torch.arange(B, device=device)  # which prompt each row of the shrinking batch belongs to
+    out = [[] for _ in range(B)]
     logits = model(ids, mask, cache, logits_from=-1)[:, -1]  # prefill: (B, vocab) at the last prompt token
     for _ in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p, generator)  # (B,)
-        steps.append(nxt)
-        done |= torch.isin(nxt, stop)
-        if bool(done.all()):
+        nxt = sample(logits, temperature, top_p, generator)  # (b,) for the b rows still generating
+        finished = torch.isin(nxt, stop)
+        for r, t, f in zip(rows.tolist(), nxt.tolist(), finished.tolist()):
+            if not f:
+                out[r].append(t)
+        if bool(finished.all()):
             break
+        if bool(finished.any()):  # finished rows leave the batch, so the long answers decode alone
+            keep = (~finished).nonzero().squeeze(1)
+            cache.keep(keep)
+            rows, nxt = rows[keep], nxt[keep]
         logits = model(nxt[:, None], None, cache)[:, -1]  # decode one token
-    out = []
-    for row in (torch.stack(steps, 1).tolist() if steps else [[] for _ in range(B)]):
-        hits = [j for j, t in enumerate(row) if t in stop_tokens]
-        out.append(row[:hits[0]] if hits else row)
     return out
 
 

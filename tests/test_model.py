@@ -121,6 +121,19 @@ def test_batch_with_left_padding_equals_rows_alone(tiny_checkpoint, kind):
         assert mask[i].sum() == len(together[i])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_checkpoint, kind):
+    model, config = load_model(tiny_checkpoint(kind))
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    free = [generate(model, [p], 12)[0] for p in prompts]
+    stops = {free[0][1], free[2][5]}  # row 0 stops after 1 token, row 2 after at most 5
+    together = generate(model, prompts, 12, stop_tokens=stops, pad_id=0)
+    alone = [generate(model, [p], 12, stop_tokens=stops)[0] for p in prompts]
+    assert together == alone
+    assert len(together[0]) == 1 and len({len(t) for t in together}) > 1  # the batch did shrink
+
+
 def test_generate_greedy_equals_argmax_loop(tiny_checkpoint):
     model, config = load_model(tiny_checkpoint("llama"))
     seq = [5, 9, 17, 3]
