@@ -115,6 +115,13 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
     through the recomposition to p. This bounds memory by the micro-batch and recomposes only once.
     """
+    advantage = advantages(rewards, cfg.baseline, cfg.samples)
+    if cfg.kl == 0 and not advantage.any():
+        # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
+        # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
+        for p in wrapper.parameters():
+            p.grad = torch.zeros_like(p)
+        return 0.0, 0.0, 0.0, 0.0
     t0 = time.perf_counter()
     weights = wrapper.weights()  # {name: W'} with a graph back to p
     leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
@@ -124,7 +131,6 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
         return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
     B = len(prompts)
-    advantage = advantages(rewards, cfg.baseline, cfg.samples)
     total_loss, kl_sum, kl_count = 0.0, 0.0, 0
     t0 = time.perf_counter()
     for s in range(0, B, cfg.micro_batch):

@@ -178,3 +178,20 @@ def test_contradictory_sampling_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         reinforce.main(["--task", "arc"] + flags)
     assert message in capsys.readouterr().err
+
+
+def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup, monkeypatch):
+    model, tok, path = setup
+    wrapper = svf.SVF(model, svf.checkpoint_identity(path), "all", use_cache=False, log=lambda *a: None)
+    opt = torch.optim.Adam(wrapper.parameters(), lr=0.1)
+    cfg = config(baseline=True)
+    prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
+    reinforce.policy_gradient_step(wrapper, model, prompts, completions, [1.0, -1.0], cfg, 256)
+    opt.step()                                          # a real step: Adam now has momentum
+    before = [p.detach().clone() for p in wrapper.parameters()]
+    opt.zero_grad(set_to_none=True)
+    monkeypatch.setattr(reinforce, "token_logprobs", lambda *a, **k: pytest.fail("ran a forward pass"))
+    assert reinforce.policy_gradient_step(wrapper, model, prompts, completions, [-1.0, -1.0], cfg, 256) == (0, 0, 0, 0)
+    assert all(p.grad is not None and not p.grad.any() for p in wrapper.parameters())
+    opt.step()
+    assert any(not torch.equal(p, b) for p, b in zip(wrapper.parameters(), before))
