@@ -20,6 +20,7 @@ import torch
 
 import checkpoints
 from data import Result, add_data_dir_argument, evaluate, get_task
+from data.evaluate import check_same_run
 from model import generate, load_model
 from tokenizer import Tokenizer
 
@@ -103,8 +104,11 @@ def main():
     # what a resumed run must share with the saved one (batch size only changes the speed)
     settings = dict(model=os.path.abspath(path), expert=args.expert and os.path.abspath(args.expert),
                     dtype=args.dtype, max_new_tokens=max_new, temperature=0.0)
-    if previous is not None and previous.settings != settings:
-        raise SystemExit(f"--resume: {args.out} was made with {previous.settings}, this run uses {settings}")
+    if previous is not None:  # refuse a run made another way now, before loading the model
+        try:
+            check_same_run(previous, Result(task.name, args.split, task.prompt, settings=settings))
+        except ValueError as e:
+            raise SystemExit(f"--resume {args.out}: {e}")
     model, tok, path = load(args)
     completer = Completer(model, tok, max_new, batch_size=args.batch_size)
     run = dict(limit=args.limit, batch_size=args.batch_size * 2, previous=previous, out=args.out, settings=settings)

@@ -117,10 +117,10 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True,
         outputs = complete_fn([ex.messages for ex in batch])
         if len(outputs) != len(batch):
             raise ValueError(f"complete_fn returned {len(outputs)} outputs for {len(batch)} prompts")
-        extracted = [task.extract(out, ex) for ex, out in zip(batch, outputs)]
+        extracted = [task.extract(text, ex) for ex, text in zip(batch, outputs)]
         correct = task.score_many(batch, outputs)
-        result.records += [Record(ex.id, ex.messages, out, x, ex.answer, bool(c))
-                           for ex, out, x, c in zip(batch, outputs, extracted, correct)]
+        result.records += [Record(ex.id, ex.messages, text, x, ex.answer, bool(c))
+                           for ex, text, x, c in zip(batch, outputs, extracted, correct)]
         result.wall_s = wall_before + time.perf_counter() - start
         if out:
             result.save(out)

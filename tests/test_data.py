@@ -293,7 +293,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
 
 
 @needs_data
-def test_evaluate_model_resume_refuses_a_run_made_another_way(tmp_path, monkeypatch, capsys):
+def test_evaluate_model_resume_refuses_a_run_made_another_way(tmp_path, monkeypatch):
     import evaluate_model
     out = tmp_path / "run.json"
     argv = ["evaluate_model.py", "--task", "gsm8k", "--split", "validation", "--out", str(out), "--resume"]
@@ -301,7 +301,7 @@ def test_evaluate_model_resume_refuses_a_run_made_another_way(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="found no file"):
         evaluate_model.main()
     Result("gsm8k", "validation", "official", [], settings={"max_new_tokens": 999}).save(out)
-    with pytest.raises(SystemExit, match="was made with .*999"):   # before any model is loaded
+    with pytest.raises(SystemExit, match="saved result has settings .*999"):   # before any model is loaded
         evaluate_model.main()
 
 
