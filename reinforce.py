@@ -23,6 +23,8 @@ validation split (`--eval-limit`) to keep a CPU run short; the official code use
 `--samples K` (not official) draws K sampled rollouts of each of B/K questions; with `--baseline`
 each rollout's reward is then compared with the mean of its own question's K rollouts (the "group"
 baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
+`--shuffle-options` (not official; multiple-choice tasks) shows each training question with its
+options in a new random order, so the right letter is uniform and preferring a letter earns nothing.
 
 Never loses work: the training state (p, Adam, step, best expert, random state) is written atomically
 after every step, so Ctrl-C or a kill costs at most the step in progress; `--resume` continues and,
@@ -33,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import resource
 import signal
 import sys
@@ -61,6 +64,7 @@ class TrainConfig:
     baseline: bool = False
     samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
     temperature: float = 0.0
+    shuffle_options: bool = False  # not official: a random option order for each training rollout
     max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
     clip: float = 1e-3
     eval_every: int = 10
@@ -265,6 +269,9 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         while step < cfg.steps:
             questions = batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)
             batch = [train_set[i] for i in questions for _ in range(cfg.samples)]  # K copies in a row
+            if cfg.shuffle_options:  # seeded by the step, so --resume draws the same orders
+                rng = random.Random(cfg.seed * 100003 + step)
+                batch = [task.shuffled(ex, rng) for ex in batch]
             prompts = [completer.encode(ex.messages) for ex in batch]
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -320,6 +327,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=d.samples,
                     help="rollouts per question, with --baseline a per-question baseline (default: %(default)s; not official)")
     ap.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy rollouts (official)")
+    ap.add_argument("--shuffle-options", action="store_true",
+                    help="multiple choice: show each training question's options in a random order (not official)")
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: per task")
     ap.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (default: %(default)s, official)")
     ap.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations (default: %(default)s)")
@@ -341,6 +350,8 @@ def main(argv=None):
         ap.error("--samples > 1 needs --temperature > 0: greedy rollouts of one question are identical")
     cfg = config_from_args(args)
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
+    if cfg.shuffle_options and not hasattr(task, "shuffled"):
+        ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
     task.load("train")  # fail on missing data before loading the model
     model, tok, model_dir = load(args)
     out = args.out or os.path.join("experts", f"{task.name}.safetensors")

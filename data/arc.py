@@ -156,6 +156,19 @@ class ArcTask(Task):
                        meta=dict(question=rec["question"], options=rec["options"],
                                  answer_index=rec["answer_index"], labels=rec["labels"]))
 
+    def shuffled(self, example, rng):
+        """The same question with its options in another order, drawn from `rng` (a random.Random).
+
+        Training on shuffled options (reinforce.py --shuffle-options) makes every letter equally
+        likely to be the right one, so a habit of preferring one letter earns no reward on average.
+        """
+        m = example.meta
+        order = list(range(len(m["options"])))
+        rng.shuffle(order)
+        return self.example(dict(id=example.id.split("/", 1)[1], question=m["question"],
+                                 options=[m["options"][i] for i in order], labels=[m["labels"][i] for i in order],
+                                 answer_index=order.index(m["answer_index"])))
+
     def extract(self, output, example=None):
         if example is None:
             raise ValueError("ARC extraction needs the example (to match the option texts)")

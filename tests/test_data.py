@@ -181,6 +181,28 @@ def test_arc_gold_scores_right_and_other_options_wrong(name):
 
 
 @needs_data
+def test_arc_shuffled_options_keep_the_question_and_spread_the_gold_letter():
+    import random
+    from collections import Counter
+    task = get_task("arc_easy", data_dir=DATA)
+    train = load("arc_easy", "train")
+    rng = random.Random(0)
+    shuffled = [task.shuffled(ex, rng) for ex in train]
+    for ex, sh in zip(train, shuffled):
+        assert sh.id == ex.id and sh.meta["question"] == ex.meta["question"]
+        assert sorted(sh.meta["options"]) == sorted(ex.meta["options"])
+        gold = sh.meta["options"][sh.meta["answer_index"]]
+        assert gold == ex.meta["options"][ex.meta["answer_index"]]           # same right answer
+        assert f"\n{sh.answer}. {gold}" in sh.messages[1]["content"]        # shown under its new letter
+        assert task.score(sh, sh.answer) and (sh.answer == ex.answer or not task.score(sh, ex.answer))
+    counts = Counter(sh.answer for sh in shuffled if len(sh.meta["options"]) == 4)
+    assert max(counts.values()) - min(counts.values()) < 80, counts            # ~270 each, not skewed
+    assert sum(sh.answer != ex.answer for ex, sh in zip(train, shuffled)) > 0.6 * len(train)
+    again = [task.shuffled(ex, random.Random(0)) for ex in train[:1]]
+    assert again[0] == shuffled[0]                                           # seeded: reproducible
+
+
+@needs_data
 def test_arc_label_variants():
     ex = {e.id: e for e in load("arc_easy", "train")}
     task = get_task("arc_easy", data_dir=DATA)

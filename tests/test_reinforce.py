@@ -173,6 +173,7 @@ def test_group_rollouts_learn_the_bandit(setup, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--samples", "3"], "divide --batch-size"),
     (["--samples", "4"], "needs --temperature"),
+    (["--shuffle-options", "--task", "gsm8k"], "needs a multiple-choice task"),
 ])
 def test_contradictory_sampling_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -195,3 +196,33 @@ def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup,
     assert all(p.grad is not None and not p.grad.any() for p in wrapper.parameters())
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(wrapper.parameters(), before))
+
+
+class ShuffledLowByteTask(LowByteTask):
+    """LowByteTask with a `shuffled` like ARC's: each rollout shows the prompt in a drawn variant."""
+    seen = []
+
+    def shuffled(self, ex, rng):
+        variant = rng.randrange(1000)
+        return Example(ex.id, ex.problem, [{"role": "user", "content": f"{ex.messages[0]['content']} v{variant}"}],
+                       ex.answer)
+
+    def score_many(self, examples, outputs):
+        self.seen.append([ex.messages[0]["content"] for ex in examples])
+        return super().score_many(examples, outputs)
+
+
+def test_shuffle_options_draws_a_new_variant_per_rollout_seeded_by_the_step(setup, tmp_path):
+    model, tok, path = setup
+    views = []
+    for name in ("a", "b"):
+        ShuffledLowByteTask.seen = []
+        reinforce.train(config(steps=3, eval_every=3, shuffle_options=True), model, tok, path,
+                        ShuffledLowByteTask(), str(tmp_path / name), str(tmp_path / f"{name}.safetensors"))
+        views.append(ShuffledLowByteTask.seen)
+    is_validation = lambda batch: int(batch[0].split()[1]) >= 1000          # validation words start at 1000
+    train_steps = [v for v in views[0] if not is_validation(v)]
+    assert len(train_steps) == 3 and all(" v" in m for step in train_steps for m in step)
+    assert train_steps[0] != train_steps[1]
+    assert views[0] == views[1]                                         # same seed, same variants at each step
+    assert all(" v" not in m for v in views[0] if is_validation(v) for m in v)   # validation: as is
