@@ -5,7 +5,8 @@
 - `cloze`: the question alone, no options shown. Each option's text is scored by its summed
   log-likelihood as the answer, and the likeliest one wins. This is how small models' ARC scores
   are usually reported (lm-evaluation-harness's multiple-choice mode).
-- `shown`: the same scores, but with the `text` prompt, which lists the options first.
+- `options after`: the same scores under the `text` prompt, which lists the options after the question.
+- `options first`: the same under the `first` prompt, which lists them before the question.
 - `letter`: the `letter` prompt. We read the probabilities of the tokens "A" to "D" at the answer's
   first position. `raw` takes the likeliest letter, which is what greedy decoding answers.
   `calibrated` first subtracts each letter's mean log-probability over all the items. That removes
@@ -63,12 +64,15 @@ def probe(model, tok, examples):
     gold = torch.tensor([ex.meta["answer_index"] for ex in examples])
     cloze = option_scores(model, comp, tok, examples,
                           lambda ex: [system("Answer the question."), user(ex.meta["question"])])
-    text = get_task("arc_easy", prompt="text")    # options listed without letters
-    shown = option_scores(model, comp, tok, examples,
-                          lambda ex: text.messages(dict(question=ex.meta["question"], options=ex.meta["options"])))
+    shown = {}
+    for prompt in ("text", "first"):    # options listed without letters, after or before the question
+        task = get_task("arc_easy", prompt=prompt)
+        shown[prompt] = option_scores(model, comp, tok, examples, lambda ex: task.messages(
+            dict(question=ex.meta["question"], options=ex.meta["options"])))
     letters = letter_logprobs(model, comp, tok, examples)
     return {"cloze": sum(int(s.argmax() == g) for s, g in zip(cloze, gold)),
-            "shown": sum(int(s.argmax() == g) for s, g in zip(shown, gold)),
+            "options after": sum(int(s.argmax() == g) for s, g in zip(shown["text"], gold)),
+            "options first": sum(int(s.argmax() == g) for s, g in zip(shown["first"], gold)),
             "letter, raw": int((letters.argmax(1) == gold).sum()),
             "letter, calibrated": int((calibrated_choice(letters) == gold).sum())}
 

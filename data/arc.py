@@ -57,6 +57,14 @@ def text_prompt(rec):
     return [system(TEXT_SYSTEM), user("\n".join(lines))]
 
 
+def first_prompt(rec):
+    """Options before the question, answered with the option's text. This small model reads a list of
+    options as text to continue when it comes after the question; put first, they leave its knowledge
+    of the answer readable (benchmarks/probe_arc.py)."""
+    lines = ["Options:"] + [f"- {text}" for text in rec["options"]] + ["", f"Question: {rec['question']}"]
+    return [system(TEXT_SYSTEM), user("\n".join(lines))]
+
+
 def restate_prompt(rec):
     return [system(RESTATE_SYSTEM), user(problem_text(rec))]
 
@@ -131,7 +139,7 @@ class ArcTask(Task):
     name = "arc_easy"
     subset = "ARC-Easy"
     prompts = {"official": official_prompt, "letter": letter_prompt, "restate": restate_prompt,
-               "text": text_prompt}
+               "text": text_prompt, "first": first_prompt}
     default_prompt = "letter"   # best measured validation accuracy of generated answers (README)
 
     def records(self, split):

@@ -203,6 +203,18 @@ def test_arc_shuffled_options_keep_the_question_and_spread_the_gold_letter():
 
 
 @needs_data
+def test_arc_first_prompt_lists_the_options_before_the_question_and_scores_their_text():
+    task = get_task("arc_easy", prompt="first", data_dir=DATA)
+    for ex in load("arc_easy", "validation", "first")[:50]:
+        text = ex.messages[1]["content"]
+        gold, options = ex.meta["answer_index"], ex.meta["options"]
+        assert text.startswith("Options:\n- ") and text.index(options[-1]) < text.index("Question: " + ex.meta["question"])
+        assert "A. " not in text                                   # no letters to fall back on
+        assert task.score(ex, f"The correct answer is {options[gold]}."), ex.id
+        assert not task.score(ex, f"The correct answer is {options[(gold + 1) % len(options)]}.")
+
+
+@needs_data
 def test_arc_label_variants():
     ex = {e.id: e for e in load("arc_easy", "train")}
     task = get_task("arc_easy", data_dir=DATA)
