@@ -196,7 +196,7 @@ def gold_completion(task, ex):
     does not start with it, as with ARC's chain-of-thought prefill)."""
     if task.name in ("arc_easy", "arc_challenge"):
         option = ex.meta["options"][ex.meta["answer_index"]]
-        text = {"letter": ex.answer, "restate": f"{ex.answer}. {option}", "text": option}.get(task.prompt)
+        text = {"letter": ex.answer, "restate": f"{ex.answer}. {option}", "text": option, "first": option}.get(task.prompt)
     elif task.name in ("gsm8k", "math", "math500"):
         text = ex.meta.get("solution")
     elif task.name == "mbpp":

@@ -14,11 +14,13 @@ checkpoint's template and generates with model.generate. reinforce.py and adapt.
 """
 
 import argparse
+import json
 import os
 
 import torch
 
 import checkpoints
+import safetensors_io
 from data import Result, add_data_dir_argument, evaluate, get_task
 from data.evaluate import check_same_run
 from model import generate, load_model
@@ -79,12 +81,23 @@ def load(args):
     return model, Tokenizer.from_dir(path), path
 
 
+def choose_prompt(task_name, prompt=None, expert=None):
+    """--prompt if given; else the prompt `expert` was trained with, where the task has a prompt of
+    that name (an expert answers best in the format it learned); else None, the task's default."""
+    if prompt is not None or expert is None:
+        return prompt
+    _, meta, _ = safetensors_io.read_header(expert)
+    trained = json.loads(meta.get("info", "{}")).get("prompt")
+    return trained if trained in get_task(task_name).prompts else None
+
+
 def main():
     ap = argparse.ArgumentParser(description="Evaluate a checkpoint (and optionally an SVF expert) on a task.")
     add_model_arguments(ap)
     ap.add_argument("--task", required=True, help="arc_easy (arc), arc_challenge, gsm8k, mbpp, humaneval, math, math500, cls")
     ap.add_argument("--split", default="validation", choices=["train", "validation", "test"])
-    ap.add_argument("--prompt", default=None, help="prompt variant (default: the task's default)")
+    ap.add_argument("--prompt", default=None,
+                    help="prompt variant (default: the one --expert was trained with, else the task's default)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
     ap.add_argument("--expert", default=None, help="an SVF expert file to apply (see reinforce.py)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: per task, see MAX_NEW_TOKENS")
@@ -92,7 +105,12 @@ def main():
     ap.add_argument("--resume", action="store_true", help="skip the items already in --out and add the rest")
     args = ap.parse_args()
 
-    task = get_task(args.task, prompt=args.prompt, data_dir=args.data_dir)
+    if args.expert and not os.path.exists(args.expert):
+        raise SystemExit(f"--expert {args.expert}: no such file (train one with reinforce.py)")
+    prompt = choose_prompt(args.task, args.prompt, args.expert)
+    if prompt is not None and args.prompt is None:
+        print(f"prompt {prompt!r}: the one {args.expert} was trained with (choose another with --prompt)")
+    task = get_task(args.task, prompt=prompt, data_dir=args.data_dir)
     task.load(args.split)  # fail on missing data before loading the model
     previous = None
     if args.resume:

@@ -128,6 +128,8 @@ def test_gold_completions_follow_the_prompt():
     ex = arc.load("validation")[0]
     assert cem.gold_completion(arc, ex) == ex.answer
     assert cem.gold_completion(get_task("arc_challenge", prompt="official", data_dir=DATA), ex) is None  # CoT prefill
+    first = get_task("arc_challenge", prompt="first", data_dir=DATA)
+    assert cem.gold_completion(first, first.load("validation")[0]) == ex.meta["options"][ex.meta["answer_index"]]
     gsm = get_task("gsm8k", data_dir=DATA)
     ex = gsm.load("validation")[0]
     assert cem.gold_completion(gsm, ex) == ex.meta["solution"]
