@@ -1,6 +1,8 @@
 """Train an SVF expert with REINFORCE: Transformer-Squared section 3.1, "End-to-end optimization with RL".
 
-    python reinforce.py --task arc                 # ARC-Easy expert for the default model
+    python reinforce.py --task arc                 # ARC-Easy expert, the official recipe
+    python reinforce.py --task arc --prompt first --max-new-tokens 32 --baseline --shuffle-options --steps 40
+                                                   # the recipe of experts/arc.safetensors (README)
     python reinforce.py --task gsm8k --steps 200 --kl 0.1
     python reinforce.py --task arc --resume        # continue an interrupted run
 
