@@ -49,12 +49,12 @@ from types import SimpleNamespace
 
 import torch
 
-import safetensors_io
+import svf
 from cem import load_experts, mix_from_file, say
 from data import get_task, paired_difference
 from data.cls import ClsTask, extract_label
 from data.evaluate import Record, Result
-from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
 
 CATEGORIES = ("code", "math", "reasoning", "other")
 TASK_CATEGORY = {"arc_easy": "reasoning", "arc_challenge": "reasoning", "gsm8k": "math", "math": "math",
@@ -125,8 +125,7 @@ class Adapter:
                 self.cls_weights = self.wrapper.weights(self.wrapper.scales(cls_expert.p))
             self.timing["pass1_s"] += time.perf_counter() - t0
             self.timing["recompose_s"] += time.perf_counter() - t0
-        trained = cls_expert.info.get("prompt") if cls_expert else None
-        self.cls_task = ClsTask(prompt=cfg.cls_prompt or (trained if trained in ClsTask.prompts else None))
+        self.cls_task = ClsTask(prompt=choose_prompt("cls", cfg.cls_prompt, cls_expert and cls_expert.info))
         self.cls_completer = Completer(model, tok, MAX_NEW_TOKENS["cls"], batch_size=cfg.batch_size)
         self.classify = classify or self.classify_with_model
 
@@ -226,7 +225,7 @@ def report(adapter, confusion, n, log=say):
 
 def shot_ids(path, task_name):
     """The ids of the shots a cem.py run searched on (to leave out of an evaluation)."""
-    info = json.loads(safetensors_io.read_header(path)[1].get("info", "{}"))
+    info = svf.file_info(path)
     if info.get("kind") != "fewshot-mix":
         raise SystemExit(f"{path} is not a few-shot mix written by cem.py")
     if info["task"] != task_name:

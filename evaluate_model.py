@@ -14,13 +14,12 @@ checkpoint's template and generates with model.generate. reinforce.py and adapt.
 """
 
 import argparse
-import json
 import os
 
 import torch
 
 import checkpoints
-import safetensors_io
+import svf
 from data import Result, add_data_dir_argument, evaluate, get_task
 from data.evaluate import check_same_run
 from model import generate, load_model
@@ -81,13 +80,13 @@ def load(args):
     return model, Tokenizer.from_dir(path), path
 
 
-def choose_prompt(task_name, prompt=None, expert=None):
-    """--prompt if given; else the prompt `expert` was trained with, where the task has a prompt of
-    that name (an expert answers best in the format it learned); else None, the task's default."""
-    if prompt is not None or expert is None:
+def choose_prompt(task_name, prompt=None, info=None):
+    """The prompt given (--prompt), else the one an expert was trained with (`info`, svf.file_info),
+    where the task has a prompt of that name: an expert answers best in the format it learned.
+    None means the task's default."""
+    if prompt is not None:
         return prompt
-    _, meta, _ = safetensors_io.read_header(expert)
-    trained = json.loads(meta.get("info", "{}")).get("prompt")
+    trained = (info or {}).get("prompt")
     return trained if trained in get_task(task_name).prompts else None
 
 
@@ -107,7 +106,7 @@ def main():
 
     if args.expert and not os.path.exists(args.expert):
         raise SystemExit(f"--expert {args.expert}: no such file (train one with reinforce.py)")
-    prompt = choose_prompt(args.task, args.prompt, args.expert)
+    prompt = choose_prompt(args.task, args.prompt, svf.file_info(args.expert) if args.expert else None)
     if prompt is not None and args.prompt is None:
         print(f"prompt {prompt!r}: the one {args.expert} was trained with (choose another with --prompt)")
     task = get_task(args.task, prompt=prompt, data_dir=args.data_dir)
@@ -131,7 +130,6 @@ def main():
     completer = Completer(model, tok, max_new, batch_size=args.batch_size)
     run = dict(limit=args.limit, batch_size=args.batch_size * 2, previous=previous, out=args.out, settings=settings)
     if args.expert:
-        import svf
         wrapper, expert = svf.load_expert_for(model, path, args.expert)
         with wrapper.applied(wrapper.scales(expert.p)):
             result = evaluate(task, args.split, completer, **run)

@@ -396,6 +396,12 @@ class SVF(nn.Module):
                                  f"(name, shape) differing from what is expected: {diff}")
 
 
+def file_info(path):
+    """What the run that wrote an expert or a cem.py mix recorded in it (task, prompt, steps, accuracy,
+    shots, ...), read from the file's header alone: no model needed."""
+    return json.loads(safetensors_io.read_header(path)[1].get("info", "{}"))
+
+
 def load_expert_for(model, model_dir, path, **svf_kwargs):
     """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself;
     load_expert then refuses a file that is no expert or belongs to another checkpoint."""

@@ -48,7 +48,7 @@ def letter_logprobs(model, comp, tok, examples, batch=16):
     ids = [tok.encode(letter)[0] for letter in LETTERS]
     out = []
     for s in range(0, len(examples), batch):
-        x, mask = left_pad([comp.encode(ex.messages) for ex in examples[s:s + batch]], tok.pad_id, "cpu")
+        x, mask = left_pad([comp.encode(ex.messages) for ex in examples[s:s + batch]], tok.pad_id, model.inv_freq.device)
         out.append(torch.log_softmax(model(x, mask, logits_from=x.shape[1] - 1)[:, -1].float(), -1)[:, ids])
     return torch.cat(out)
 
@@ -67,7 +67,7 @@ def probe(model, tok, examples):
     shown = {}
     for prompt in ("text", "first"):    # options listed without letters, after or before the question
         task = get_task("arc_easy", prompt=prompt)
-        shown[prompt] = option_scores(model, comp, tok, examples, lambda ex: task.messages(
+        shown[prompt] = option_scores(model, comp, tok, examples, lambda ex, task=task: task.messages(
             dict(question=ex.meta["question"], options=ex.meta["options"])))
     letters = letter_logprobs(model, comp, tok, examples)
     return {"cloze": sum(int(s.argmax() == g) for s, g in zip(cloze, gold)),

@@ -342,13 +342,16 @@ def test_evaluate_model_resume_refuses_a_run_made_another_way(tmp_path, monkeypa
 def test_an_expert_is_evaluated_with_the_prompt_it_was_trained_with_unless_told(tmp_path):
     import torch
     import safetensors_io
+    import svf
     from evaluate_model import choose_prompt
     expert = tmp_path / "e.safetensors"
     safetensors_io.save(expert, {"p": torch.zeros(2)}, {"info": json.dumps({"task": "arc_easy", "prompt": "first"})})
-    assert choose_prompt("arc_easy", None, str(expert)) == "first"
-    assert choose_prompt("arc_challenge", None, str(expert)) == "first"         # same prompt names
-    assert choose_prompt("arc_easy", "letter", str(expert)) == "letter"         # --prompt wins
-    assert choose_prompt("gsm8k", None, str(expert)) is None                    # no such prompt: the default
+    info = svf.file_info(expert)
+    assert info == {"task": "arc_easy", "prompt": "first"}
+    assert choose_prompt("arc_easy", None, info) == "first"
+    assert choose_prompt("arc_challenge", None, info) == "first"         # same prompt names
+    assert choose_prompt("arc_easy", "letter", info) == "letter"         # --prompt wins
+    assert choose_prompt("gsm8k", None, info) is None                    # no such prompt: the default
     assert choose_prompt("arc_easy", None, None) is None
 
 
