@@ -286,10 +286,11 @@ def main(argv=None):
     if task.name == "cls" and not args.classify_only:
         ap.error("--task cls measures routing: add --classify-only")
     examples = task.load(args.split)  # fail on missing data before loading the model
-    for path in {p for p in (args.exclude_shots, cfg.fewshot if cfg.strategy == "fewshot" else None) if p}:
-        leave = shot_ids(path, task.name)
+    mixes = sorted({p for p in (args.exclude_shots, cfg.fewshot if cfg.strategy == "fewshot" else None) if p})
+    if mixes:
+        leave = set().union(*(shot_ids(path, task.name) for path in mixes))
         kept = [ex for ex in examples if ex.id not in leave]
-        say(f"left out {len(examples) - len(kept)} items that cem.py used as shots ({path})")
+        say(f"left out {len(examples) - len(kept)} items that cem.py used as shots ({', '.join(mixes)})")
         examples = kept
     examples = examples[:args.limit] if args.limit is not None else examples
     model, tok, model_dir = load(args)

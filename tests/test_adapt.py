@@ -226,3 +226,9 @@ def test_cli_leaves_out_the_shots_and_compares_item_by_item(setup, tmp_path, mon
     assert {r["choice"] for r in saved["records"]} == {"fewshot"} and saved["strategy"] == "fewshot"
     with pytest.raises(SystemExit, match="searched for task mixed, not"):
         adapt.shot_ids(mix, "arc_challenge")
+    # A mix and --exclude-shots of another search: the shots of both are left out, counted once.
+    other = str(tmp_path / "other.safetensors")
+    cem.save_mix(wrapper, other, experts, torch.tensor([1.0, 0.0]), task="mixed", shots=dict(ids=["mixed/1", "mixed/4"]))
+    adapt.main(["--strategy", "fewshot", "--task", "mixed", "--fewshot", mix, "--exclude-shots", other, "--out", out])
+    assert "left out 3 items that cem.py used as shots" in capsys.readouterr().out
+    assert [r["id"] for r in json.load(open(out))["records"]] == ["mixed/2", "mixed/3", "mixed/5"]
