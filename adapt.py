@@ -28,8 +28,9 @@ Nothing leaks: with fewshot, the shots cem.py searched on are removed from the s
 --compare gives item-by-item (paired) differences. Table 2 and 3, one command per cell:
 
     T=arc_challenge   # then T=math500, T=humaneval
-    python cem.py --task $T --experts experts/arc.safetensors experts/gsm8k.safetensors experts/mbpp.safetensors
-    X="--task $T --exclude-shots experts/fewshot-$T.safetensors"
+    P="--prompt first --max-new-tokens 32"   # the prompt experts/arc.safetensors learned; P="" for the others
+    python cem.py --task $T $P --experts experts/arc.safetensors experts/gsm8k.safetensors experts/mbpp.safetensors
+    X="--task $T $P --exclude-shots experts/fewshot-$T.safetensors"
     python adapt.py --strategy base $X --out runs/t2-$T-base.json
     for e in arc gsm8k mbpp; do python adapt.py --strategy expert --expert experts/$e.safetensors $X \
         --out runs/t2-$T-$e.json --compare runs/t2-$T-base.json; done
