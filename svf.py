@@ -1,7 +1,7 @@
 """Singular value fine-tuning (SVF), Transformer-Squared section 3.1 (Sun, Cetin, Tang 2025).
 
-Every targeted weight matrix is decomposed once, W = U diag(sigma) Vh, and an *expert* is one vector
-per matrix that rescales the singular values. Only that vector is trained; U, sigma, Vh stay frozen:
+Every targeted weight matrix is decomposed once, W = U diag(sigma) Vh (svd_cache.py), and an
+*expert* is one vector per matrix that rescales the singular values. Only that vector is trained; U, sigma, Vh stay frozen:
 
     p (r,)  --sigmoid * max_mult-->  z (r,)  -->  W' = U diag(sigma * z) Vh * sum(sigma) / sum(sigma * z)
 
@@ -13,10 +13,8 @@ The recomposition is an autograd Function with a plain PyTorch reference and a f
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,13 +22,13 @@ import torch
 import torch.nn as nn
 
 import safetensors_io
+from svd_cache import checkpoint_identity, load_or_decompose, same_checkpoint  # W = U diag(sigma) Vh, cached
 
 # Matrices of one decoder layer, named by their Hugging Face keys. The official code targets the MLP
 # only; the paper's ablation (Table 4) finds MLP + attention best.
 TARGETS = {"mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
            "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
 TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
-CACHE_FORMAT = "transformer2-svd/1"
 EXPERT_FORMAT = "transformer2-svf-expert/1"
 KERNEL_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"svf_recompose.{ext}")
                   for ext in ("cpp", "cu")]
@@ -49,106 +47,6 @@ def target_names(model, targets="mlp"):
     if not names:
         raise ValueError(f"the model has no weights ending in {suffixes}")
     return names
-
-
-# ----------------------------------------------------------------------------- checkpoint identity
-
-def checkpoint_identity(model_dir, samples=16, sample_bytes=4096):
-    """'name@digest' naming a checkpoint directory by its contents, cheap for a checkpoint of any size.
-
-    The digest covers config.json and, for each *.safetensors file, its size, its header (names,
-    dtypes, shapes) and 16 samples of 4 KiB spread over its data. No modification times: copying a
-    checkpoint or converting it again must not orphan the experts trained on it. The samples are
-    there because two fine-tunes of one architecture have identical headers. The name is for
-    people; only the digest is compared (same_checkpoint).
-    """
-    h = hashlib.sha256()
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
-        h.update(f.read())
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files to identify the checkpoint by")
-    for name in files:
-        path = os.path.join(model_dir, name)
-        _, _, start = safetensors_io.read_header(path)
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(start))
-            span = max(size - start - sample_bytes, 0)
-            for i in range(samples):
-                f.seek(start + span * i // (samples - 1))
-                h.update(f.read(sample_bytes))
-    return f"{os.path.basename(os.path.abspath(model_dir))}@{h.hexdigest()[:16]}"
-
-
-def same_checkpoint(a, b):
-    return a.rsplit("@", 1)[-1] == b.rsplit("@", 1)[-1]
-
-
-# ----------------------------------------------------------------------------- decomposition + cache
-
-def cache_dir():
-    return os.environ.get("T2_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "transformer2")
-
-
-@torch.no_grad()
-def decompose(W):
-    """W (m, n) -> U (m, r), sigma (r,), Vh (r, n), r = min(m, n): the thin SVD in float32."""
-    U, sigma, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-    return U.contiguous(), sigma.contiguous(), Vh.contiguous()
-
-
-def _check_cache(path, identity, targets, weights):
-    """Returns the factors in `path` if they belong to these weights; raises ValueError saying why not."""
-    tensors, meta = safetensors_io.load(path)
-    found = (meta.get("format"), meta.get("checkpoint"), meta.get("targets"))
-    if found != (CACHE_FORMAT, identity, targets):
-        raise ValueError(f"it holds {found}, expected {(CACHE_FORMAT, identity, targets)}")
-    factors = {}
-    g = torch.Generator().manual_seed(0)
-    for name, W in weights.items():
-        try:
-            U, sigma, Vh = (tensors[f"{name}.{k}"] for k in ("U", "sigma", "Vh"))
-        except KeyError as e:
-            raise ValueError(f"it lacks {e}") from None
-        (m, n), r = W.shape, min(W.shape)
-        if (U.shape, sigma.shape, Vh.shape) != ((m, r), (r,), (r, n)):
-            raise ValueError(f"{name}: factors of shapes {U.shape} {sigma.shape} {Vh.shape} for W {W.shape}")
-        # Spot check: 8 random entries of U diag(sigma) Vh against the weights the model holds now, so
-        # that a checkpoint changed under an unchanged identity is noticed. The tolerance admits the
-        # float32 SVD error and bfloat16 rounding (a model loaded in bf16), not different weights.
-        i, j = torch.randint(m, (8,), generator=g), torch.randint(n, (8,), generator=g)
-        approx = ((U[i] * sigma) * Vh[:, j].T).sum(1)
-        exact = W.detach()[i.to(W.device), j.to(W.device)].float().cpu()
-        if not torch.allclose(approx, exact, rtol=1e-2, atol=1e-4 * float(sigma[0])):
-            raise ValueError(f"{name}: the factors do not reproduce the model's weights (stale cache)")
-        factors[name] = (U, sigma, Vh)
-    return factors
-
-
-def load_or_decompose(model, identity, targets="mlp", use_cache=True, log=print):
-    """{name: (U, sigma, Vh)} for the targeted weights, from the cache when it is valid.
-
-    Cache file: $T2_CACHE_DIR/svd/<identity>-<targets>.safetensors, memory-mapped (loading costs
-    no copy). A cache that is unreadable or does not match the weights is rebuilt, with a message.
-    """
-    params = dict(model.named_parameters())
-    weights = {name: params[name] for name in target_names(model, targets)}
-    path = os.path.join(cache_dir(), "svd", f"{identity.replace('/', '_')}-{targets}.safetensors")
-    if use_cache and os.path.exists(path):
-        try:
-            return _check_cache(path, identity, targets, weights)
-        except ValueError as e:  # SafetensorsError is a ValueError too
-            log(f"svf: rebuilding the SVD cache {path}: {e}")
-    t0 = time.time()
-    factors = {name: tuple(t.cpu() for t in decompose(W)) for name, W in weights.items()}
-    if use_cache:
-        log(f"svf: decomposed {len(factors)} matrices in {time.time() - t0:.1f}s; caching them in {path}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tensors = {f"{name}.{k}": t for name, f in factors.items() for k, t in zip(("U", "sigma", "Vh"), f)}
-        safetensors_io.save(path, tensors, {"format": CACHE_FORMAT, "checkpoint": identity, "targets": targets})
-    return factors
 
 
 # ----------------------------------------------------------------------------- recomposition
@@ -261,7 +159,7 @@ class SVF(nn.Module):
         model.requires_grad_(False)  # autograd must reach p and nothing else
         self.identity, self.targets, self.max_mult, self.impl = identity, targets, max_mult, impl
         self.names = target_names(model, targets)
-        factors = load_or_decompose(model, identity, targets, use_cache, log)
+        factors = load_or_decompose({n: model.get_parameter(n) for n in self.names}, identity, targets, use_cache, log)
         device = model.get_parameter(self.names[0]).device
         self.factors = nn.ModuleList()
         for name in self.names:  # sigma stays float32: it is tiny, and s is computed from it

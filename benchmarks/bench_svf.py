@@ -17,6 +17,7 @@ import time
 
 import torch
 
+import svd_cache
 import svf
 from model import load_model
 
@@ -66,7 +67,7 @@ def bench_cpu(model, identity, runs):
 
         def run():
             with PeakRSS() as peak:
-                factors = [svf.decompose(W) for W in weights]
+                factors = [svd_cache.decompose(W) for W in weights]
                 del factors
             peaks.append(peak.bytes)
         t = median_time(run, runs)
@@ -74,13 +75,14 @@ def bench_cpu(model, identity, runs):
 
     for targets in ("mlp", "all"):
         svf.SVF(model, identity, targets, log=lambda s: None)  # builds the cache once (no timing)
-        t_open = median_time(lambda: svf.load_or_decompose(model, identity, targets, log=print), runs)
+        weights = {n: model.get_parameter(n) for n in svf.target_names(model, targets)}
+        t_open = median_time(lambda: svd_cache.load_or_decompose(weights, identity, targets, log=print), runs)
 
         def read_all():  # the cache is memory-mapped: make the pages resident to time a full read
-            for U, sigma, Vh in svf.load_or_decompose(model, identity, targets, log=print).values():
+            for U, sigma, Vh in svd_cache.load_or_decompose(weights, identity, targets, log=print).values():
                 U.sum(), sigma.sum(), Vh.sum()
         t_read = median_time(read_all, runs)
-        path = os.path.join(svf.cache_dir(), "svd", f"{identity}-{targets}.safetensors")
+        path = svd_cache.cache_path(identity, targets)
         print(f"cached SVD, {targets:3}: open + spot check {t_open * 1e3:6.1f} ms, "
               f"open + read all {t_read * 1e3:6.1f} ms  ({os.path.getsize(path) / 2**20:.0f} MiB file)")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import safetensors_io
+import svd_cache
 import svf
 from model import generate, load_model
 
@@ -44,7 +45,7 @@ def random_factors(m, r, n, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("shape", [(37, 53), (53, 37), (1, 9), (64, 64)])
 def test_decomposition_reconstructs_W(shape):
     W = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    U, sigma, Vh = svf.decompose(W)
+    U, sigma, Vh = svd_cache.decompose(W)
     r = min(shape)
     assert U.shape == (shape[0], r) and sigma.shape == (r,) and Vh.shape == (r, shape[1])
     assert bool((sigma[:-1] >= sigma[1:]).all())  # ordered, largest first
@@ -337,7 +338,7 @@ def test_cache_reused_then_rebuilt_when_stale_or_corrupt(tiny):
     W = model.get_parameter(s.names[2])
     torch.testing.assert_close((f.U * f.sigma) @ f.Vh, W, rtol=0, atol=1e-5 * float(f.sigma[0]))
     # A truncated file is rebuilt too, with a message saying what was wrong.
-    cache_file = os.path.join(svf.cache_dir(), "svd", f"{s.identity}-mlp.safetensors")
+    cache_file = svd_cache.cache_path(s.identity, "mlp")
     with open(cache_file, "r+b") as fh:
         fh.truncate(os.path.getsize(cache_file) // 2)
     log.clear()
