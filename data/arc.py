@@ -7,15 +7,17 @@ Splits (as in the official code, SakanaAI/self-adaptive-llms tasks/arc.py):
 - `arc_challenge`, an adaptation target: "test" (1172) is evaluated; "train" (1119) and
   "validation" (299) are the released files, available for few-shot shots.
 
-Options are always shown with letters A, B, C, ... in the dataset's order. About 4% of the questions
-use labels "1"-"4" instead; their gold label is converted to the letter at the same position (the
-official code shows letters but compares with the numeric key, so it can never score those).
+The options are shown with letters A, B, C, ... in the dataset's order (`official`, `letter`,
+`restate`), or as a list without letters (`text`, `first`). About 4% of the questions use labels
+"1"-"4" instead; their gold label is converted to the letter at the same position (the official
+code shows letters but compares with the numeric key, so it can never score those).
 
-The answer is a letter. Extraction (`extract_choice`) reads the last answer statement ("the answer
-is (B)", "Answer: B", `\\boxed{B}`), or else the first line of the output, and accepts either the
-letter or the option's text copied out; a statement that names two different options is unparsable
-(None), which scores as wrong. The official code guesses a letter instead (seeded); we do not.
-`example.meta["options"]` holds the option texts for likelihood scoring.
+The answer is a letter. Extraction (`extract_choice`) is strict: the output must name exactly one
+option, by its letter (where the prompt showed letters) or by copying its text, or it is
+unparsable (None), which scores as wrong. An output that lists several options is wrong wherever
+it lists them; only the chain of thought of the `official` prompt, before its first answer
+statement, may name other options. The official code guesses a letter for unparsable outputs
+(seeded); we do not. `example.meta["options"]` holds the option texts for likelihood scoring.
 """
 
 import re
@@ -71,20 +73,9 @@ def restate_prompt(rec):
 
 # --- extraction ---------------------------------------------------------------------------------
 
-_CUE = re.compile(r"(?:answer|option|choice)\s*(?:is|:|=)\s*:?", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def answer_span(text):
-    """The part of an output that states the answer: the inside of the last \\boxed{}, else the
-    first line after the last "answer is"/"answer:" cue, else the output's first non-empty line."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1]
-    cues = list(_CUE.finditer(text))
-    rest = text[cues[-1].end():] if cues else text
-    lines = [line.strip() for line in rest.strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+# An answer statement: "the answer is", "Answer:", "option =", or a \boxed{}.
+_STATEMENT = re.compile(r"(?:answer|option|choice)\s*(?:is|:|=)|\\boxed\{", re.IGNORECASE)
+_LETTER = re.compile(r"(?<![A-Za-z0-9])\(?([A-E])\)?(?![A-Za-z0-9])")
 
 
 def _squash(s):
@@ -108,31 +99,53 @@ def _blank_out(span, opt, fold):
     return span if found else None
 
 
-def extract_choice(text, options):
-    """Index of the option that `text` answers, or None (no option, or two different options).
+def named_options(text, options, letters=True):
+    """The set of indices of the options that `text` names: by their text (whole words, longest
+    option first, each occurrence blanked out so that "tall tree" does not also name "tree"), and,
+    when the prompt showed letters, by a capital A-E standing alone ("B", "(B)", "B.").
 
-    Letters decide when present; otherwise the option whose text is quoted. Option texts are
-    matched longest-first and blanked out before looking for letters, so the article in
-    "A bacterial population ..." is not read as the letter A. Matching ignores case unless two
-    options differ only in case (genetics: "Rr" and "rr"); options that are themselves a single
-    letter A-E (chemical symbols like "C") are read as letters only.
+    Without letters on show (the `text` and `first` prompts) a capital A-E is only a word: the
+    article in "A compass" names no option, and a one-letter option ("C" for carbon) is matched as
+    text. With letters on show a one-letter option is read as a letter only. Matching ignores case
+    unless two options differ only in case (genetics: "Rr" and "rr"); one-letter options never fold.
     """
-    span = " " + _squash(answer_span(text)) + " "
+    span = " " + _squash(text) + " "
     fold = len({o.lower() for o in options}) == len(options)
-    quoted = set()
+    named = set()
     for i in sorted(range(len(options)), key=lambda i: -len(options[i])):
         opt = _squash(options[i])
-        if not opt or re.fullmatch(r"[A-E]", opt):
+        if not opt or (letters and re.fullmatch(r"[A-E]", opt)):
             continue
-        blanked = _blank_out(span, opt, fold)
+        blanked = _blank_out(span, opt, fold and len(opt) > 1)
         if blanked is not None:
-            quoted.add(i)
+            named.add(i)
             span = blanked
-    valid = LETTERS[:len(options)]
-    letters = {LETTERS.index(m) for m in re.findall(r"(?<![A-Za-z0-9])\(?([A-E])\)?(?![A-Za-z0-9])", span)
-               if m in valid}
-    chosen = letters or quoted
-    return next(iter(chosen)) if len(chosen) == 1 else None
+    if letters:
+        valid = LETTERS[:len(options)]
+        named |= {LETTERS.index(m) for m in _LETTER.findall(span) if m in valid}
+    return named
+
+
+def extract_choice(text, options, letters=True, reasoning=False):
+    """Index of the option that `text` answers, or None: it names no option, or more than one.
+
+    Strict, because a reward is a scorer and RL finds its loopholes: an output that names two
+    different options is unparsable wherever it names them. (An earlier rule read the first line
+    only, and REINFORCE learned to list every option, one per line, best guess first: README.)
+    `reasoning`: the prompt asks for a chain of thought before the answer (`official`), so the
+    text before the first answer statement ("the answer is", "Answer:", \\boxed{}) may weigh
+    options; from the first statement to the end the same rule holds. Without a statement the
+    whole output is the answer. `letters`: the prompt showed lettered options (see named_options).
+    """
+    if reasoning:
+        first = _STATEMENT.search(text)
+        text = text[first.start():] if first else text
+    named = named_options(text, options, letters)
+    return next(iter(named)) if len(named) == 1 else None
+
+
+LETTERED = ("official", "letter", "restate")   # prompts that show the options as "A. ...", "B. ..."
+REASONING = ("official",)                     # prompts that ask for a chain of thought first
 
 
 class ArcTask(Task):
@@ -180,7 +193,8 @@ class ArcTask(Task):
     def extract(self, output, example=None):
         if example is None:
             raise ValueError("ARC extraction needs the example (to match the option texts)")
-        i = extract_choice(output, example.meta["options"])
+        i = extract_choice(output, example.meta["options"], letters=self.prompt in LETTERED,
+                           reasoning=self.prompt in REASONING)
         return None if i is None else LETTERS[i]
 
 

@@ -70,15 +70,17 @@ def fewshot_prompt(rec):
 
 
 def extract_label(text):
-    """The category in a model output: the content of the last \\boxed{...} if any, else the
-    one category word on the first non-empty line; None if absent, unknown, or two are named."""
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        label = boxed[-1].strip().lower()
-        return label if label in LABELS else None
-    lines = [line for line in text.splitlines() if line.strip()]
-    found = set(re.findall(r"\b(" + "|".join(LABELS) + r")\b", lines[0].lower())) if lines else set()
-    return found.pop() if len(found) == 1 else None
+    """The category in a model output, or None: it names none, an unknown one in a box, or two.
+
+    Strict, as every scorer a policy is trained on: the output must name exactly one category,
+    in a \\boxed{} or as a word anywhere ("code\\nmath\\nreasoning" names three and is no answer).
+    """
+    boxed = [b.strip().lower() for b in re.findall(r"\\boxed\{([^{}]*)\}", text)]
+    if any(b not in LABELS for b in boxed):
+        return None
+    words = re.sub(r"\\boxed\{[^{}]*\}", " ", text).lower()
+    named = set(boxed) | set(re.findall(r"\b(" + "|".join(LABELS) + r")\b", words))
+    return named.pop() if len(named) == 1 else None
 
 
 class ClsTask(Task):

@@ -5,6 +5,7 @@ A code task's extracted answer is the program text; it is correct when the task'
 to it, run to completion in the sandbox (see sandbox.py).
 """
 
+import ast
 import re
 
 from .sandbox import Limits, run_many
@@ -16,16 +17,38 @@ CODE_SYSTEM = ("You are an exceptionally intelligent coding assistant that  cons
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
+def has_body(code, name):
+    """Whether `code` parses and defines function `name` with a body: more than a docstring, `pass`
+    or `...` (a HumanEval prefill closed at once defines the function with its docstring only)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            body = [s for s in node.body if not (isinstance(s, ast.Pass) or (isinstance(s, ast.Expr)
+                    and isinstance(s.value, ast.Constant) and isinstance(s.value.value, (str, type(...)))))]
+            if body:
+                return True
+    return False
+
+
 def extract_code(text, must_define=None):
-    """The program in a model output: the first ```python fenced block that defines the function
-    `must_define`, else the first that defines any function, else the first block; an unterminated
-    fence runs to the end of the text; without fences, the whole text. None when nothing is left."""
+    """The program in a model output; None when nothing is left.
+
+    With `must_define` (the function the tests call): the *last* ```python fenced block that defines
+    it with a body, else the last that defines it at all. A model that closes the prefilled fence and
+    restates the function in a new one has corrected itself; a later block is its final answer.
+    Otherwise: the first block that defines any function, else the first block. An unterminated
+    fence runs to the end of the text; without fences, the whole text is the program.
+    """
     blocks = _FENCE.findall(text)
     if not blocks:
         code = text if "```" not in text else ""
     else:
         defines = lambda name, block: re.search(rf"^\s*def {name}\s*\(", block, re.MULTILINE)  # noqa: E731
-        code = (next((b for b in blocks if must_define and defines(re.escape(must_define), b)), None)
+        mine = [b for b in blocks if must_define and defines(re.escape(must_define), b)]
+        code = (next((b for b in reversed(mine) if has_body(b, must_define)), None) or (mine[-1] if mine else None)
                 or next((b for b in blocks if defines(r"\w+", b)), blocks[0]))
     return code if code.strip() else None
 

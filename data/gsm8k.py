@@ -5,11 +5,13 @@ Splits (as in the official code, SakanaAI/self-adaptive-llms tasks/gsm8k.py): th
 "test" is the test file (1319). Ids are "gsm8k/{train|test}/{line index in the file}".
 
 The gold answer is the number after "#### " in the reference solution (commas removed).
-Extraction (`extract_number`), strictest cue first:
-1. "#### 42"             -> the number after the last "####";
-2. "The answer is 42."   -> the first number after the last "answer is" / "answer:";
-3. "\\boxed{42}"          -> the number inside the last box;
+Extraction (`extract_number`), strictest statement first:
+1. "#### 42"             -> the number after "####";
+2. "The answer is 42."   -> the number after "answer is" / "answer:";
+3. "\\boxed{42}"          -> the number inside the box;
 4. otherwise the last number in the output (the official code's rule).
+A statement gives one number (after its last "=", if any: "3 + 5 = 8" gives 8); a statement that
+gives several ("72 or 73"), or two statements that disagree, make the output unparsable.
 Numbers may carry thousands separators ("1,000"), a dollar sign, a sign, decimals and trailing
 units ("$18.00 per hour" -> 18); they are compared as exact decimals ("18.00" == "18").
 """
@@ -41,25 +43,38 @@ def canonical(number_text):
     return "0" if text in ("-0", "0") else text
 
 
+ANSWER_CUE = r"answer\s*(?:is|:)"
+
+
 def _numbers(text):
     return [canonical(sign + digits) for sign, digits in NUMBER.findall(text)]
 
 
+def _statement_number(statement):
+    """The number a statement gives ("18 dollars", "3 + 5 = 8" -> "8"), or None when it gives none or
+    several different ones ("72 or 73"): an answer is one number."""
+    line = statement.strip().split("\n", 1)[0]
+    found = set(_numbers(line.rsplit("=", 1)[-1]))
+    return found.pop() if len(found) == 1 else None
+
+
 def extract_number(text):
-    """The final numeric answer in a model output as a canonical string, or None."""
+    """The final numeric answer in a model output as a canonical string, or None.
+
+    Strict: every statement of the strongest kind present must give the same single number, so an
+    output that answers "#### 72" and then "#### 73", or "the answer is 72 or 73", is unparsable.
+    """
     if "####" in text:
-        found = _numbers(text.rsplit("####", 1)[1])
-        return found[0] if found else None
-    cues = list(re.finditer(r"answer\s*(?:is|:)", text, re.IGNORECASE))
-    if cues:
-        found = _numbers(text[cues[-1].end():])
-        return found[0] if found else None
-    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    if boxed:
-        found = _numbers(boxed[-1])
-        return found[0] if found else None
+        statements = text.split("####")[1:]
+    elif re.search(ANSWER_CUE, text, re.IGNORECASE):
+        statements = re.split(ANSWER_CUE, text, flags=re.IGNORECASE)[1:]
+    else:
+        statements = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if statements:
+        found = {_statement_number(s) for s in statements}
+        return found.pop() if len(found) == 1 else None
     found = _numbers(text)
-    return found[-1] if found else None
+    return found[-1] if found else None    # no statement: the last number, as the official code
 
 
 def gold_answer(solution):

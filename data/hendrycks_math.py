@@ -21,12 +21,8 @@ OFFICIAL_SYSTEM = ("Solve the question below by reasoning step by step,"   # sic
 BOXED_SYSTEM = "Solve the problem step by step, and put the final answer within \\boxed{}."
 
 
-def last_boxed(text):
-    """The content of the last \\boxed{...} or \\fbox{...} in `text` (braces balanced), or None.
-    Also reads the brace-less form "\\boxed 5". Follows hendrycks/math's last_boxed_only_string."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
+def _boxed_at(text, start):
+    """The content of the \\boxed{...} or \\fbox{...} starting at text[start] (braces balanced), or None."""
     rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox")
     if rest.startswith(" "):                      # "\boxed 5$" -> "5"
         return rest[1:].split("$")[0].strip() or None
@@ -40,10 +36,30 @@ def last_boxed(text):
     return None                                   # unbalanced: the output was cut off
 
 
+def boxed_answers(text):
+    """The contents of every \\boxed{} / \\fbox{} in `text`, in order (None for one that does not parse)."""
+    return [_boxed_at(text, m.start()) for m in re.finditer(r"\\boxed|\\fbox", text)]
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} or \\fbox{...} in `text` (braces balanced), or None.
+    Also reads the brace-less form "\\boxed 5". Follows hendrycks/math's last_boxed_only_string."""
+    boxes = boxed_answers(text)
+    return boxes[-1] if boxes else None
+
+
 def extract_answer(text):
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip() or None
+    """The answer of a model output: its last box, when every box in it gives the same answer.
+
+    Strict: an output that boxes two different answers ("\\boxed{5} or \\boxed{6}") is unparsable,
+    so listing candidates never scores. Without a box, the official code's "The answer is: " form.
+    """
+    boxes = boxed_answers(text)
+    if boxes:
+        last = boxes[-1]
+        if last is None or not all(b is None or is_equiv(b, last) for b in boxes):
+            return None
+        return last.strip() or None
     if "The answer is: " in text:                 # the official code's second format
         ans = text.split("The answer is: ")[-1].split(".\n")[0].strip()
         ans = re.sub(r"\.$", "", ans).strip().strip("$").strip()

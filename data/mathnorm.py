@@ -30,8 +30,13 @@ def normalize(answer):
                      ("\\displaystyle", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""),
                      ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("{,}", ",")]:
         s = s.replace(old, new)
-    if "\\text{ " in s:                      # Hendrycks: "5\text{ cm}" -> units after a spaced \text
-        s = s.split("\\text{ ")[0]
+    # "19 \text{ and }43" and "7, -2, \text{ and } -5" list answers: the word is a comma.
+    s = re.sub(r",?\s*\\text\{\s*and\s*\}\s*", ",", s)
+    # Units: Hendrycks cuts at a spaced "\text{ " ("5\text{ cm}" -> "5"); we cut only a tail that holds
+    # no digit, so "5 \text{ or } 6" keeps its second number and is not read as 5.
+    tail = re.search(r"\\text\{ |(?<=\d)[\s\\,;]*\\text\{[^{}\d]*\}$", s)
+    if tail and not re.search(r"\d", s[tail.start():]):
+        s = s[:tail.start()]
     s = re.sub(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"(\d)\s*" + UNITS + r"(?:\^\{?[23]\}?)?\.?$", r"\1", s)   # "12 inches" -> "12"
     s = s.replace(" .", " 0.").replace("{.", "{0.")

@@ -9,9 +9,15 @@ evalplus (the hand-checked subset with extra tests): problems 0-299 of it, shuff
 give 200 train and 100 validation problems, and the rest is its test set. We use the original
 MBPP file and its documented task_id ranges instead, with the original three tests per problem.
 
+The program is read from the output as for HumanEval (`codegen.extract_code`), with the function
+the tests call (`entry_point`) as the one it must define.
+
 A solution is correct when the program, `test_setup_code` and the three `test_list` asserts run
 to completion in the sandbox (the `challenge_test_list` is not used, as usual).
 """
+
+import builtins
+import re
 
 from .codegen import CODE_SYSTEM, CodeTask
 from .task import Example, assistant, system, user
@@ -20,6 +26,14 @@ RANGES = {"train": (601, 974), "validation": (511, 600), "test": (11, 510)}
 
 TESTS_SYSTEM = ("You are an expert Python programmer. Write a Python function for the task. "
                 "Reply with the code only, in a ```python code block.")
+
+
+def entry_point(tests):
+    """The function the tests call: the first name called in them that is not a builtin
+    ("assert int(lobb_num(5, 3)) == 35" -> "lobb_num"), else the first name called."""
+    called = [n for n in re.findall(r"([A-Za-z_]\w*)\s*\(", "\n".join(tests)) if n != "assert"]
+    return next((n for n in called if not hasattr(builtins, n) and n not in ("math", "isclose")),
+                called[0] if called else None)          # mbpp/126 names its function "sum"
 
 
 def problem_text(rec):
@@ -53,7 +67,8 @@ class MbppTask(CodeTask):
 
     def example(self, rec):
         return Example(id=f"mbpp/{rec['task_id']}", problem=problem_text(rec), messages=self.messages(rec),
-                       answer=rec["code"], meta=dict(tests=rec["test_list"], setup=rec["test_setup_code"]))
+                       answer=rec["code"], meta=dict(tests=rec["test_list"], setup=rec["test_setup_code"],
+                                                     entry_point=entry_point(rec["test_list"])))
 
     def program(self, example, code):
         # The setup code comes after the solution: in the two problems that have one (367, 927)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from data.task import Example
 from data import TASKS, DataNotFoundError, evaluate, get_task, paired_difference, split_shots, wilson_interval
 from data.evaluate import Record, Result
 from data.paths import DEFAULT_DIR, data_dir
@@ -149,6 +150,31 @@ def test_cls_extraction():
     assert task.extract("\\boxed{other}") == "other"                          # valid, never gold
     assert task.extract("math or code") is None
     assert task.extract("\\boxed{physics}") is None and task.extract("") is None
+    assert task.extract("math\nIt could also be code.") is None                  # two, on any line
+    assert task.extract("\\boxed{math} \\boxed{code}") is None
+
+
+def test_a_list_of_every_candidate_answer_never_scores_right():
+    """For each scorer a policy is trained on (ARC has its own test above): listing candidates,
+    however laid out, is no answer."""
+    cls = get_task("cls")
+    ex = Example("cls/x", "What is 2 + 3?", [], "math")
+    for out in ["code\nmath\nreasoning\nother", "math, code, reasoning", "\\boxed{math}\n\\boxed{code}",
+                "- math\n- reasoning"]:
+        assert not cls.score(ex, out), out
+    assert cls.score(ex, "math") and cls.score(ex, "Classification: \\boxed{math}")
+    gsm = get_task("gsm8k")
+    ex = Example("gsm8k/x", "?", [], "72")
+    for out in ["#### 71 or 72", "#### 72\n#### 73", "The answer is 70, 71 or 72.", "#### 70\n#### 71\n#### 72",
+                "The answer is 72. No, the answer is 73.", "\\boxed{72} \\boxed{71}"]:
+        assert not gsm.score(ex, out), out
+    assert gsm.score(ex, "6 * 12 = 72\n#### 72") and gsm.score(ex, "The answer is 60 + 12 = 72.")
+    for name in ("math", "math500"):
+        math = get_task(name)
+        ex = Example("math/x", "?", [], "5")
+        for out in ["\\boxed{5} or \\boxed{6}", "\\boxed{6}, \\boxed{5}", "\\boxed{5 \\text{ or } 6}", "\\boxed{4, 5, 6}"]:
+            assert not math.score(ex, out), out
+        assert math.score(ex, "So \\boxed{5}. Checking: \\boxed{5.0}") and math.score(ex, "\\boxed{5\\text{ cm}}")
 
 
 def test_cls_fewshot_prompt_shows_one_demonstration_per_label_before_the_question():
@@ -166,18 +192,40 @@ def test_cls_fewshot_prompt_shows_one_demonstration_per_label_before_the_questio
 @pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
 def test_arc_gold_scores_right_and_other_options_wrong(name):
     task = get_task(name, data_dir=DATA)
+    cot = get_task(name, prompt="official", data_dir=DATA)
     for split in task.splits:
         for ex in load(name, split):
             gold, options = ex.meta["answer_index"], ex.meta["options"]
             letter = "ABCDE"[gold]
             assert ex.answer == letter and f"\n{letter}. {options[gold]}" in ex.messages[1]["content"]
-            for out in [f"Let's see... the answer is ({letter})", letter, f"{letter}. {options[gold]}"]:
+            for out in [f"The answer is ({letter})", letter, f"{letter}. {options[gold]}"]:
                 assert task.score(ex, out), (ex.id, out)
+            assert cot.score(ex, f"Let's weigh {options[gold - 1]}... the answer is ({letter})"), ex.id
             wrong = (gold + 1) % len(options)
             assert not task.score(ex, f"The answer is ({'ABCDE'[wrong]})")
             assert not task.score(ex, f"{'ABCDE'[gold]} or {'ABCDE'[wrong]}")      # two options: wrong
             if len(options[gold]) > 1:                                           # not a lone "C"
                 assert task.score(ex, f"Answer: {options[gold]}."), (ex.id, options)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
+@pytest.mark.parametrize("prompt", ["letter", "text", "first", "restate", "official"])
+def test_arc_a_list_of_the_options_never_scores_right(name, prompt):
+    """The loophole REINFORCE found: listing every option, best guess first. Wrong in every prompt
+    and every layout, wherever the list stands."""
+    task = get_task(name, prompt=prompt, data_dir=DATA)
+    for ex in load(name, "test", prompt)[:300]:
+        gold, options = ex.meta["answer_index"], ex.meta["options"]
+        order = [gold] + [i for i in range(len(options)) if i != gold]
+        listed = ["\n".join(f"- {options[i]}" for i in order),
+                  "\n".join(f"{'ABCDE'[i]}. {options[i]}" for i in order),
+                  " ".join("ABCDE"[i] for i in order),
+                  f"The answer is {options[gold]}.\nOther options: " + ", ".join(options[i] for i in order[1:]),
+                  f"The answer is ({ex.answer})\n\nor maybe {options[order[1]]}"]
+        for out in listed:
+            assert not task.score(ex, out), (ex.id, prompt, out)
+        assert task.score(ex, options[gold] if prompt in ("text", "first") else ex.answer), (ex.id, prompt)
 
 
 @needs_data
@@ -237,12 +285,36 @@ def test_arc_extraction_reads_text_and_refuses_ambiguity():
     assert task.extract("A bacterial population in the bloodstream.", fever) == "B"   # "A" is an article
     assert task.extract("B. a bacterial population in the bloodstream", fever) == "B"
     assert task.extract("The correct answer is:\n\n(B)", fever) == "B"
-    assert task.extract("I think A... no wait. Final answer: D", fever) == "D"    # the last statement
+    assert task.extract("I think A... no wait. Final answer: D", fever) is None   # names A and D
+    cot = get_task("arc_easy", prompt="official", data_dir=DATA)
+    assert cot.extract("I think A... no wait. Final answer: D", fever) == "D"     # reasoning, then the answer
+    assert cot.extract("A is wrong. The answer is (D). Or (B)?", fever) is None    # two answers
     assert task.extract("\\boxed{C}", fever) == "C"
     assert task.extract("The answer is A and C.", fever) is None
     assert task.extract("", fever) is None and task.extract("I am not sure.", fever) is None
     genetics = next(e for e in load("arc_challenge", "test") if e.meta["options"] == ["R", "rr", "Rr", "RR"])
     assert [task.extract(o, genetics) for o in ["Rr", "rr", "RR", "(A)"]] == ["C", "B", "D", "A"]
+
+
+def _arc(options, answer_index=0, prompt="letter"):
+    task = get_task("arc_easy", prompt=prompt)
+    return task, task.example(dict(id="x", question="Which?", options=options, labels=list("ABCD"[:len(options)]),
+                                   answer_index=answer_index))
+
+
+def test_arc_letters_count_only_where_the_prompt_shows_them():
+    for prompt in ("text", "first"):
+        task, ex = _arc(["magnet", "compass", "ruler", "scale"], prompt=prompt)
+        assert task.extract("A compass", ex) == "B"                    # "A" is the article here
+        assert task.extract("- A cat is a mammal.", ex) is None        # names no option
+        assert task.extract("B", ex) is None                            # no letters were shown
+        task, ex = _arc(["C", "NO2", "O2", "CO"], prompt=prompt)        # Mercury_402547
+        assert task.extract("C", ex) == "A" and task.extract("CO", ex) == "D"  # "C" is carbon, option 1
+        assert task.extract("c", ex) is None                            # one-letter options keep their case
+    task, ex = _arc(["magnet", "compass", "ruler", "scale"], prompt="letter")
+    assert task.extract("B", ex) == "B" and task.extract("A compass", ex) is None  # letter A, text B
+    task, ex = _arc(["C", "NO2", "O2", "CO"], prompt="letter")
+    assert task.extract("C", ex) == "C"                                 # with letters shown, C is a letter
 
 
 # --- GSM8K ---------------------------------------------------------------------------------------
@@ -262,7 +334,7 @@ def test_gsm8k_gold_scores_right_and_perturbed_wrong():
     ("#### 42", "42"), ("She pays 3 + 4 = 7.\n#### 1,000", "1000"), ("The answer is 42.", "42"),
     ("The answer is $1,234.50 in total", "1234.5"), ("He earns $18.00 per hour", "18"),
     ("It takes 12 minutes", "12"), ("so x = -5", "-5"), ("3 - 5 apples ... 8", "8"), ("\\boxed{16}", "16"),
-    ("Answer: 0.50", "0.5"), ("The answer is: 1, then 2", "1"), ("He has 1, 2, 3 coins", "3"),
+    ("Answer: 0.50", "0.5"), ("The answer is: 1, then 2", None), ("He has 1, 2, 3 coins", "3"),
     ("Total: 2,500 dollars", "2500"), ("no number here", None), ("#### ", None),
     ("The answer is unknown", None),
 ])

@@ -23,6 +23,32 @@ def test_extract_code():
     assert extract_code(two.replace("def f", "def g"), must_define="f") == "def g(x):\n    return x\n"
     assert extract_code("") is None and extract_code("```python\n\n```") is None
     assert extract_code("Sorry, I cannot write ```code``` for that.") is None
+    # the last block that defines the function with a body wins: a restated function corrects the first
+    stub, fixed = "```python\ndef f(x):\n    \"\"\"Doc.\"\"\"\n```", "```python\ndef f(x):\n    return x\n```"
+    assert extract_code(f"{stub}\n{fixed}", must_define="f") == "def f(x):\n    return x\n"
+    assert extract_code(f"{fixed}\n{stub}", must_define="f") == "def f(x):\n    return x\n"   # not the stub
+    older = fixed.replace("return x", "return 0")
+    assert extract_code(f"{older}\n{fixed}", must_define="f") == "def f(x):\n    return x\n"
+
+
+@needs_data
+def test_humaneval_a_function_restated_after_the_closed_prefill_is_scored():
+    """The model closes the prefilled fence at once (leaving the docstring only) and writes the
+    function again in a new fence: that second block is the answer (defect 4 of issue 13)."""
+    task = get_task("humaneval", data_dir=DATA)
+    for ex in task.load("test")[:20]:
+        full = ex.meta["prompt"][ex.meta["prompt"].index(f"def {ex.meta['entry_point']}"):] + ex.answer
+        output = f"\n```\n\nHere is the solution:\n```python\n{full}```\n"
+        assert task.score(ex, output), ex.id
+
+
+@needs_data
+def test_mbpp_entry_point_is_the_function_the_tests_call():
+    task = get_task("mbpp", data_dir=DATA)
+    examples = [ex for s in task.splits for ex in task.load(s)]
+    assert all(f"def {ex.meta['entry_point']}" in ex.answer for ex in examples)
+    ex = next(e for e in examples if e.id == "mbpp/912")                   # assert int(lobb_num(5, 3)) == 35
+    assert ex.meta["entry_point"] == "lobb_num"
 
 
 @needs_data

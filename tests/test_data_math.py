@@ -89,3 +89,14 @@ def test_math500_answers_agree_with_the_full_math_test_set():
     gold = {ex.problem: ex.answer for ex in get_task("math", data_dir=DATA).load("test")}
     subset = get_task("math500", data_dir=DATA).load("test")
     assert all(ex.problem in gold and is_equiv(ex.answer, gold[ex.problem]) for ex in subset)
+
+
+def test_text_words_keep_the_numbers_after_them():
+    """Defect 2 of issue 13: everything after a spaced \\text{ was dropped, so "5 or 6" read as 5,
+    and the gold "19 \\text{ and }43" (math/644) as 19."""
+    assert not is_equiv("5 \\text{ or } 6", "5")
+    assert is_equiv("19, 43", "19 \\text{ and }43") and not is_equiv("19", "19 \\text{ and }43")
+    assert is_equiv("12,13", "12\\text{ and }13")                                    # math/3655
+    assert is_equiv("7, -2, -5", "7, -2, \\text{ and } -5") and not is_equiv("7, -2", "7, -2, \\text{ and } -5")
+    assert is_equiv("575", "575\\text{ students}") and is_equiv("10", "10\\;\\text{edges}")  # units still go
+    assert normalize("\\text{Evelyn}") == "Evelyn"
