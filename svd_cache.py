@@ -8,6 +8,7 @@ trained on another checkpoint.
 """
 
 import hashlib
+import json
 import os
 import time
 
@@ -16,18 +17,51 @@ import torch
 import safetensors_io
 from checkpoints import cache_dir
 
-CACHE_FORMAT = "transformer2-svd/1"
+CACHE_FORMAT = "transformer2-svd/2"  # 2: keyed by the weights' dtype too
 
 
 # ----------------------------------------------------------------------------- checkpoint identity
 
-def checkpoint_identity(model_dir, samples=16, sample_bytes=4096):
-    """'name@digest' naming a checkpoint directory by its contents, cheap for a checkpoint of any size.
+MEMO_BYTES = 64 * 2**20  # files this large have their digest remembered (hashing 16 GB takes ~30 s)
 
-    The digest covers config.json and, for each *.safetensors file, its size, its header (names,
-    dtypes, shapes) and 16 samples of 4 KiB spread over its data. No modification times: copying a
-    checkpoint or converting it again must not orphan the experts trained on it. The samples are
-    there because two fine-tunes of one architecture have identical headers. The name is for
+
+def file_digest(path):
+    """sha256 of every byte of a file. For a large file the digest is remembered in the cache
+    directory under its path, size and modification time, and computed again when any of them
+    changes: the time only decides when to hash again, the digest is of the contents alone."""
+    st = os.stat(path)
+    if st.st_size < MEMO_BYTES:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    memo_path = os.path.join(cache_dir(), "file-digests.json")
+    key, stamp = os.path.realpath(path), [st.st_size, st.st_mtime_ns]
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(key, {}).get("stamp") == stamp:
+        return memo[key]["sha256"]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    os.makedirs(os.path.dirname(memo_path), exist_ok=True)
+    tmp = f"{memo_path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(memo, f, indent=0)
+    os.replace(tmp, memo_path)  # atomic: a concurrent reader sees the old memo or the new one
+    return digest
+
+
+def checkpoint_identity(model_dir):
+    """'name@digest' naming a checkpoint directory by its contents: a sha256 of config.json and of
+    every byte of each *.safetensors file.
+
+    Every byte, because two fine-tunes of one architecture share their headers and may differ in
+    one matrix: an identity that sampled the file missed a change to 82 of the default model's 90
+    MLP matrices, reused a stale SVD and loaded an expert trained on other weights. The digest of a
+    large file is computed once (file_digest). No modification times in the identity: copying a
+    checkpoint or converting it again must not orphan the experts trained on it. The name is for
     people; only the digest is compared (same_checkpoint).
     """
     h = hashlib.sha256()
@@ -37,16 +71,7 @@ def checkpoint_identity(model_dir, samples=16, sample_bytes=4096):
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files to identify the checkpoint by")
     for name in files:
-        path = os.path.join(model_dir, name)
-        _, _, start = safetensors_io.read_header(path)
-        size = os.path.getsize(path)
-        h.update(f"{name}:{size}".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(start))
-            span = max(size - start - sample_bytes, 0)
-            for i in range(samples):
-                f.seek(start + span * i // (samples - 1))
-                h.update(f.read(sample_bytes))
+        h.update(f"{name}:{file_digest(os.path.join(model_dir, name))}".encode())
     return f"{os.path.basename(os.path.abspath(model_dir))}@{h.hexdigest()[:16]}"
 
 
@@ -56,9 +81,15 @@ def same_checkpoint(a, b):
 
 # ----------------------------------------------------------------------------- decomposition + cache
 
-def cache_path(identity, targets):
-    """Where the factors of this checkpoint's `targets` matrices are cached."""
-    return os.path.join(cache_dir(), "svd", f"{identity.replace('/', '_')}-{targets}.safetensors")
+def cache_path(identity, targets, dtype="float32"):
+    """Where the factors of this checkpoint's `targets` matrices, decomposed from weights held in
+    `dtype`, are cached. The dtype is part of the key: the SVD of bfloat16-rounded weights differs
+    from the float32 one by 1e-3 (relative), far more than float32's own error."""
+    return os.path.join(cache_dir(), "svd", f"{identity.replace('/', '_')}-{targets}-{dtype}.safetensors")
+
+
+def dtype_name(W):
+    return str(W.dtype).removeprefix("torch.")
 
 
 @torch.no_grad()
@@ -68,12 +99,18 @@ def decompose(W):
     return U.contiguous(), sigma.contiguous(), Vh.contiguous()
 
 
+# How closely U diag(sigma) Vh must give back the weights, relative to the largest singular value:
+# float32's SVD is exact to ~1e-6; in bfloat16 the weights themselves carry 2^-8 of rounding.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "bfloat16": 1e-2, "float16": 1e-3}
+
+
 def _check_cache(path, identity, targets, weights):
     """Returns the factors in `path` if they belong to these weights; raises ValueError saying why not."""
     tensors, meta = safetensors_io.load(path)
-    found = (meta.get("format"), meta.get("checkpoint"), meta.get("targets"))
-    if found != (CACHE_FORMAT, identity, targets):
-        raise ValueError(f"it holds {found}, expected {(CACHE_FORMAT, identity, targets)}")
+    dtype = dtype_name(next(iter(weights.values())))
+    found = (meta.get("format"), meta.get("checkpoint"), meta.get("targets"), meta.get("dtype"))
+    if found != (CACHE_FORMAT, identity, targets, dtype):
+        raise ValueError(f"it holds {found}, expected {(CACHE_FORMAT, identity, targets, dtype)}")
     factors = {}
     g = torch.Generator().manual_seed(0)
     for name, W in weights.items():
@@ -84,13 +121,12 @@ def _check_cache(path, identity, targets, weights):
         (m, n), r = W.shape, min(W.shape)
         if (U.shape, sigma.shape, Vh.shape) != ((m, r), (r,), (r, n)):
             raise ValueError(f"{name}: factors of shapes {U.shape} {sigma.shape} {Vh.shape} for W {W.shape}")
-        # Spot check: 8 random entries of U diag(sigma) Vh against the weights the model holds now, so
-        # that a checkpoint changed under an unchanged identity is noticed. The tolerance admits the
-        # float32 SVD error and bfloat16 rounding (a model loaded in bf16), not different weights.
-        i, j = torch.randint(m, (8,), generator=g), torch.randint(n, (8,), generator=g)
+        # Spot check: 64 random entries of U diag(sigma) Vh against the weights the model holds now,
+        # to the tolerance of their dtype, so that factors of other weights are never used.
+        i, j = torch.randint(m, (64,), generator=g), torch.randint(n, (64,), generator=g)
         approx = ((U[i] * sigma) * Vh[:, j].T).sum(1)
         exact = W.detach()[i.to(W.device), j.to(W.device)].float().cpu()
-        if not torch.allclose(approx, exact, rtol=1e-2, atol=1e-4 * float(sigma[0])):
+        if not torch.allclose(approx, exact, rtol=0, atol=TOLERANCE.get(dtype, 1e-2) * float(sigma[0])):
             raise ValueError(f"{name}: the factors do not reproduce the model's weights (stale cache)")
         factors[name] = (U, sigma, Vh)
     return factors
@@ -99,11 +135,12 @@ def _check_cache(path, identity, targets, weights):
 def load_or_decompose(weights, identity, targets, use_cache=True, log=print):
     """{name: (U, sigma, Vh)} for `weights` {name: W}, from the cache when it is valid.
 
-    Cache file: $T2_CACHE_DIR/svd/<identity>-<targets>.safetensors, memory-mapped (loading costs
-    no copy); `targets` names the set of matrices (svf.TARGETS). A cache that is unreadable or does
-    not match the weights is rebuilt, with a message.
+    Cache file: $T2_CACHE_DIR/svd/<identity>-<targets>-<dtype>.safetensors, memory-mapped (loading
+    costs no copy); `targets` names the set of matrices (svf.TARGETS), dtype is the weights'. A cache
+    that is unreadable or does not match the weights is rebuilt, with a message.
     """
-    path = cache_path(identity, targets)
+    dtype = dtype_name(next(iter(weights.values())))
+    path = cache_path(identity, targets, dtype)
     if use_cache and os.path.exists(path):
         try:
             return _check_cache(path, identity, targets, weights)
@@ -115,5 +152,6 @@ def load_or_decompose(weights, identity, targets, use_cache=True, log=print):
         log(f"svf: decomposed {len(factors)} matrices in {time.time() - t0:.1f}s; caching them in {path}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {f"{name}.{k}": t for name, f in factors.items() for k, t in zip(("U", "sigma", "Vh"), f)}
-        safetensors_io.save(path, tensors, {"format": CACHE_FORMAT, "checkpoint": identity, "targets": targets})
+        safetensors_io.save(path, tensors, {"format": CACHE_FORMAT, "checkpoint": identity, "targets": targets,
+                                            "dtype": dtype})
     return factors

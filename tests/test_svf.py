@@ -355,6 +355,67 @@ def test_checkpoint_identity(tiny_checkpoint, tmp_path):
     assert not svf.same_checkpoint(ia, other)
 
 
+def test_identity_covers_every_byte(tmp_path):
+    """Defect 6 of issue 13: an identity that sampled 16 x 4 KiB of the file missed a change
+    between its samples, so a stale SVD and an expert of other weights were used without a word."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    W = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0))  # 4 MiB of data
+    safetensors_io.save(str(d / "model.safetensors"), {"w": W}, {})
+    before = svf.checkpoint_identity(d)
+    _, _, start = safetensors_io.read_header(str(d / "model.safetensors"))
+    # halfway between the first two samples the old identity read (each of them 4 KiB long)
+    span = os.path.getsize(d / "model.safetensors") - start - 4096
+    offset = start + span // 15 // 2
+    with open(d / "model.safetensors", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))  # one bit of one float
+    assert not svf.same_checkpoint(before, svf.checkpoint_identity(d))
+
+
+def test_large_file_digests_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(svd_cache, "MEMO_BYTES", 1024)
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * 4096)
+    calls = []
+    real = svd_cache.hashlib.file_digest
+    monkeypatch.setattr(svd_cache.hashlib, "file_digest", lambda f, algo: calls.append(1) or real(f, algo))
+    first = svd_cache.file_digest(path)
+    assert svd_cache.file_digest(path) == first and len(calls) == 1      # remembered
+    path.write_bytes(b"b" * 4096)
+    os.utime(path, ns=(time.time_ns() + 10**9,) * 2)
+    assert svd_cache.file_digest(path) != first and len(calls) == 2      # changed: hashed again
+
+
+def test_svd_cache_is_keyed_by_the_weights_dtype(tiny_checkpoint):
+    """Defect 5 of issue 13: after a bfloat16 run cached the SVD of bf16-rounded weights, a float32
+    run reused it (W' off by 1e-3 relative at equal scales instead of 1e-6)."""
+    path = tiny_checkpoint("llama", seed=0)
+    identity = svf.checkpoint_identity(path)
+    bf16, _ = load_model(path, dtype=torch.bfloat16)
+    svf.SVF(bf16, identity, "mlp", log=lambda *a: None)                 # builds the bfloat16 cache
+    model, _ = load_model(path)
+    log = []
+    s = svf.SVF(model, identity, "mlp", log=log.append)
+    assert any("decomposed" in m for m in log)                           # its own float32 SVD
+    z = {name: torch.ones(len(f.sigma)) for name, f in zip(s.names, s.factors)}
+    for name, Wp in s.weights(z).items():
+        W = model.get_parameter(name)
+        assert float((Wp - W).norm() / W.norm()) < 1e-5, name
+    # and a float32 cache holding bf16-rounded factors is refused by the spot check
+    bad = {n: (U, sig, Vh) for n, (U, sig, Vh) in svd_cache.load_or_decompose(
+        {n: bf16.get_parameter(n) for n in s.names}, identity, "mlp", use_cache=False).items()}
+    tensors = {f"{n}.{k}": t for n, f in bad.items() for k, t in zip(("U", "sigma", "Vh"), f)}
+    safetensors_io.save(svd_cache.cache_path(identity, "mlp", "float32"), tensors,
+                        {"format": svd_cache.CACHE_FORMAT, "checkpoint": identity, "targets": "mlp", "dtype": "float32"})
+    log.clear()
+    svf.SVF(model, identity, "mlp", log=log.append)
+    assert "stale cache" in log[0]
+
+
 def test_parameter_count_matches_the_paper():
     c = svf.count_params(svf.LLAMA3_8B)
     assert c["mlp"] == 3 * 4096 * 32 and round(c["mlp"] / 1e6, 2) == 0.39
