@@ -287,6 +287,11 @@ def main(argv=None):
     if task.name == "cls" and not args.classify_only:
         ap.error("--task cls measures routing: add --classify-only")
     examples = task.load(args.split)  # fail on missing data before loading the model
+    if cfg.strategy == "fewshot":  # alpha was fitted to the outputs of one prompt; another would need its own search
+        searched = svf.file_info(cfg.fewshot).get("prompt")
+        if searched != task.prompt:
+            ap.error(f"--fewshot {cfg.fewshot} was searched with --prompt {searched}, and this run uses "
+                     f"--prompt {task.prompt}; pass --prompt {searched}, or search again with cem.py --prompt {task.prompt}")
     mixes = sorted({p for p in (args.exclude_shots, cfg.fewshot if cfg.strategy == "fewshot" else None) if p})
     if mixes:
         leave = set().union(*(shot_ids(path, task.name) for path in mixes))

@@ -201,8 +201,8 @@ def gold_completion(task, ex):
         text = ex.meta.get("solution")
     elif task.name == "mbpp":
         text = f"```python\n{ex.answer}\n```"
-    elif task.name == "humaneval":
-        text = f"```python\n{ex.meta['prompt']}{ex.answer}```"
+    elif task.name == "humaneval":  # the prompt's code as the official prefill shows it (stripped), then the body
+        text = f"```python\n{ex.meta['prompt'].strip()}\n{ex.answer}```"
     else:
         text = None
     pre = prefill(ex)

@@ -365,13 +365,15 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     return out
 
 
-def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_logits=False):
+def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_logits=False, temperature=1.0):
     """Log-probabilities of each completion token given its prompt, with gradients enabled.
 
     prompts, completions: lists of token lists. Returns (logprobs (B, L), mask (B, L)) where L is the
     longest completion and mask marks real completion tokens; with return_logits also the logits
     (B, L, vocab) that predicted them (the KL penalty of reinforce.py needs the whole distribution).
     `forward` replaces model.__call__, e.g. a torch.func.functional_call with SVF weights.
+    `temperature`: the log-probabilities of the distribution that `sample` draws from at that
+    temperature, log softmax(logits / T) (the returned logits stay unscaled).
     """
     forward = forward or model
     device = model.inv_freq.device
@@ -385,7 +387,7 @@ def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_l
         comp_mask[i, :len(c)] = True
     logits = forward(ids, mask, logits_from=P - 1)[:, :-1]  # (B, L, vocab): position t predicts t + 1
     targets = ids[:, P:]  # (B, L)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     logp = logp * comp_mask
     return (logp, comp_mask, logits) if return_logits else (logp, comp_mask)
 

@@ -13,13 +13,19 @@ The objective (paper, eq. 1), maximised over the expert's vectors z only:
 Each step: greedy rollouts y_hat from the current expert, reward r = +1 if the task's scorer accepts
 the answer and -1 otherwise, then one Adam step on
 
-    loss = -(1/B) sum_i r_i * sum_t log pi_{W'}(y_hat_i,t | x_i, y_hat_i,<t)  +  lambda * KL
+    loss = -(1/B) sum_i r_i * sum_t log pi_{W'}(y_hat_i,t | x_i, y_hat_i,<t)  +  lambda * (1/B) sum_i KL_i
+
+where KL_i = sum_t KL(pi_{W'}(. | x_i, y_hat_i,<t) || pi_W(. | ...)) is the KL between the two models'
+distributions of whole answers (chain rule), estimated at the answer generated: a sum over its
+tokens, as the policy term is. (A mean over all tokens would weigh lambda 1/L as much, L the mean
+answer length.) The log shows the KL per token.
 
 Simplifications, as in the official code unless said otherwise: no baseline (`--baseline` subtracts
 the batch's mean reward, which the official code does not; without it a model that is mostly wrong
 gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable text after ~20 steps);
-greedy decoding for the rollouts (`--temperature` > 0 samples instead); the KL term is computed over the whole vocabulary at the
-generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
+greedy decoding for the rollouts (`--temperature` T > 0 samples instead, and log pi is then that of
+the distribution sampled from, softmax(logits / T)); the KL term is computed over the whole
+vocabulary at the generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
 10 steps and the best expert on validation is the one kept. We validate on a fixed subset of the
 validation split (`--eval-limit`) to keep a CPU run short; the official code uses all of it.
 `--samples K` (not official) draws K sampled rollouts of each of B/K questions; with `--baseline`
@@ -105,7 +111,11 @@ def advantages(rewards, baseline=False, samples=1):
 
 
 def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
-    """Mean over generated tokens of KL(pi_new || pi_base), summed over the vocabulary."""
+    """(sum over generated tokens of KL(pi_new || pi_base) at each of them, number of such tokens).
+
+    The KL of each token's next-token distributions is summed over the vocabulary; summed over the
+    tokens of an answer it is the KL between the two models' distributions of whole answers, as in
+    the paper's equation 1 (by the chain rule, estimated at the answer generated)."""
     with torch.no_grad():
         _, _, logits_base = token_logprobs(model, prompts, completions, pad_id, return_logits=True)
     logp_new = torch.log_softmax(logits_new.float(), -1)
@@ -114,20 +124,31 @@ def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
     return (kl * mask).sum(), mask.sum()
 
 
-def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id):
+def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True):
     """Accumulates the gradient of the loss into the expert's p; returns (loss, kl, t_backward, t_recomp).
+
+    loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
+    advantages: the paper's eq. 1 for a batch of B answers, KL per whole answer (summed over its
+    tokens) and averaged over the batch. The returned kl is per generated token, for the log.
+
+    With lambda = 0 a rollout whose advantage is 0 adds nothing to the gradient, so it is left out
+    of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
+    answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
 
     The recomposed weights W' are computed once with autograd, then cut off as leaves: each
     micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
     through the recomposition to p. This bounds memory by the micro-batch and recomposes only once.
     """
     advantage = advantages(rewards, cfg.baseline, cfg.samples)
-    if cfg.kl == 0 and not advantage.any():
+    B = len(prompts)
+    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or advantage[i] != 0]
+    if not rows:
         # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
         # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
         for p in wrapper.parameters():
             p.grad = torch.zeros_like(p)
         return 0.0, 0.0, 0.0, 0.0
+    prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
     t0 = time.perf_counter()
     weights = wrapper.weights()  # {name: W'} with a graph back to p
     leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
@@ -136,19 +157,19 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     def forward(ids, mask, **kwargs):
         return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
-    B = len(prompts)
+    # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
     total_loss, kl_sum, kl_count = 0.0, 0.0, 0
     t0 = time.perf_counter()
-    for s in range(0, B, cfg.micro_batch):
+    for s in range(0, len(rows), cfg.micro_batch):
         sl = slice(s, s + cfg.micro_batch)
         logp, mask, logits = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,
-                                            return_logits=True)
+                                            return_logits=True, temperature=temperature)
         loss = -(logp.sum(1) * advantage[sl]).sum() / B
         if cfg.kl > 0:
             kl, n = kl_to_base(model, prompts[sl], completions[sl], logits, mask, pad_id)
             kl_sum, kl_count = kl_sum + kl.item(), kl_count + n.item()
-            # the batch KL is a mean over all its generated tokens; each micro-batch adds its share
-            loss = loss + cfg.kl * kl / max(sum(len(c) for c in completions), 1)
+            loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the loss is {loss.item()}; stopping before a broken expert is written")
         loss.backward()
@@ -265,7 +286,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         signal.signal(signal.SIGTERM, raise_interrupt)
     t_start = time.perf_counter()
     try:
-        if step == 0:
+        if not resume:  # a resumed run validated its step 0 before it stopped
             validate()  # step 0: W' = W up to float error, i.e. the base model's accuracy
             save_state()
         while step < cfg.steps:

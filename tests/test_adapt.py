@@ -215,7 +215,8 @@ def test_cli_leaves_out_the_shots_and_compares_item_by_item(setup, tmp_path, mon
     monkeypatch.setattr(adapt, "get_task", lambda name, prompt=None, data_dir=None: TwoCategoryTask())
     wrapper, experts = cem.load_experts(model, path, [paths["math"], paths["code"]], log=quiet, use_cache=False)
     mix = str(tmp_path / "fewshot.safetensors")
-    cem.save_mix(wrapper, mix, experts, torch.tensor([0.5, 0.5]), task="mixed", shots=dict(ids=["mixed/0", "mixed/4"]))
+    cem.save_mix(wrapper, mix, experts, torch.tensor([0.5, 0.5]), task="mixed", prompt="plain",
+                 shots=dict(ids=["mixed/0", "mixed/4"]))
     base_out, out = str(tmp_path / "base.json"), str(tmp_path / "fewshot.json")
     adapt.main(["--strategy", "base", "--task", "mixed", "--exclude-shots", mix, "--out", base_out])
     adapt.main(["--strategy", "fewshot", "--task", "mixed", "--fewshot", mix, "--out", out, "--compare", base_out])
@@ -228,7 +229,14 @@ def test_cli_leaves_out_the_shots_and_compares_item_by_item(setup, tmp_path, mon
         adapt.shot_ids(mix, "arc_challenge")
     # A mix and --exclude-shots of another search: the shots of both are left out, counted once.
     other = str(tmp_path / "other.safetensors")
-    cem.save_mix(wrapper, other, experts, torch.tensor([1.0, 0.0]), task="mixed", shots=dict(ids=["mixed/1", "mixed/4"]))
+    cem.save_mix(wrapper, other, experts, torch.tensor([1.0, 0.0]), task="mixed", prompt="plain",
+                 shots=dict(ids=["mixed/1", "mixed/4"]))
     adapt.main(["--strategy", "fewshot", "--task", "mixed", "--fewshot", mix, "--exclude-shots", other, "--out", out])
     assert "left out 3 items that cem.py used as shots" in capsys.readouterr().out
     assert [r["id"] for r in json.load(open(out))["records"]] == ["mixed/2", "mixed/3", "mixed/5"]
+    # A mix searched with another prompt is refused: its alpha was fitted to that prompt's outputs.
+    cem.save_mix(wrapper, other, experts, torch.tensor([1.0, 0.0]), task="mixed", prompt="letter",
+                 shots=dict(ids=["mixed/1"]))
+    with pytest.raises(SystemExit):
+        adapt.main(["--strategy", "fewshot", "--task", "mixed", "--fewshot", other])
+    assert "was searched with --prompt letter, and this run uses --prompt plain" in capsys.readouterr().err

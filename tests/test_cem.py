@@ -136,10 +136,12 @@ def test_gold_completions_follow_the_prompt():
     mbpp = get_task("mbpp", prompt="official", data_dir=DATA)  # prefilled with "```python"
     ex = mbpp.load("validation")[0]
     assert cem.gold_completion(mbpp, ex) == f"\n{ex.answer}\n```"
-    he = get_task("humaneval", prompt="official", data_dir=DATA)
-    ex = he.load("test")[0]
-    gold = cem.gold_completion(he, ex)
-    assert gold is not None and ex.answer in gold and he.score(ex, gold)  # the reference passes its tests
+    for prompt in ("official", "complete"):  # every problem: 142 of 164 prompts begin with a newline
+        he = get_task("humaneval", prompt=prompt, data_dir=DATA)
+        examples = he.load("test")
+        golds = [cem.gold_completion(he, ex) for ex in examples]
+        assert all(g is not None and ex.answer in g for g, ex in zip(golds, examples)), prompt
+        assert he.score_many(examples, golds) == [True] * len(examples), prompt  # the references pass their tests
 
 
 def test_shot_fitness_is_accuracy_then_mean_loglik(setup, monkeypatch):

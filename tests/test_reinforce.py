@@ -98,6 +98,29 @@ def test_resume_after_interruption_equals_uninterrupted_run(setup, tmp_path, mon
     assert rewards(tmp_path, "full") == rewards(tmp_path, "cut")  # the log has each step once
 
 
+def test_a_run_resumed_at_step_0_validates_step_0_once(setup, tmp_path, monkeypatch):
+    """Defect 8 of issue 13: a run stopped after its step-0 validation validated step 0 again."""
+    calls = {"n": 0}
+    original = LowByteTask.score_many
+
+    def interrupt_at_step_1(self, examples, outputs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the step-0 validation was call 1; these are step 1's rollouts
+            raise KeyboardInterrupt
+        return original(self, examples, outputs)
+
+    monkeypatch.setattr(LowByteTask, "score_many", interrupt_at_step_1)
+    with pytest.raises(SystemExit):
+        run(setup, tmp_path, steps=2, eval_every=2)
+    monkeypatch.setattr(LowByteTask, "score_many", original)
+    model, tok, path = setup
+    reinforce.train(config(steps=2, eval_every=2), model, tok, path, LowByteTask(), str(tmp_path / "run"),
+                    str(tmp_path / "run.safetensors"), resume=True)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]
+
+
 def test_resume_refuses_different_flags(setup, tmp_path):
     run(setup, tmp_path, steps=2)
     model, tok, path = setup
@@ -123,6 +146,56 @@ def test_kl_is_zero_at_initialisation_and_positive_after_a_change(setup):
         wrapper.p[0][:5] = -3.0
     _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
     assert reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)[0] > 1e-6
+
+
+def test_the_kl_term_is_per_answer_averaged_over_the_batch(setup):
+    """Defect 7 of issue 13: eq. 1's KL is between distributions of whole answers, a sum over each
+    answer's tokens, averaged over the batch; a mean over all tokens weighed lambda 1/L as much."""
+    model, tok, path = setup
+    wrapper = svf.SVF(model, svf.checkpoint_identity(path), "all", use_cache=False, log=lambda *a: None)
+    with torch.no_grad():
+        wrapper.p[0][:5] = -3.0
+    prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [8, 9, 10, 11, 12, 13]]
+    cfg = config(baseline=True, kl=0.1)
+    loss, kl_per_token, _, _ = reinforce.policy_gradient_step(wrapper, model, prompts, completions,
+                                                              [1.0, 1.0], cfg, 256)  # advantages 0: KL alone
+    forward = lambda ids, mask, **kw: wrapper(ids, mask, **kw)
+    _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
+    kl_sum, n = reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)
+    assert kl_sum > 0 and n == 10
+    assert loss == pytest.approx(0.1 * kl_sum.item() / 2, rel=1e-4)      # lambda * sum / B
+    assert kl_per_token == pytest.approx(kl_sum.item() / 10, rel=1e-4)   # what the log shows
+
+
+def test_rollouts_with_zero_advantage_are_skipped_and_the_gradient_is_the_same(setup, monkeypatch):
+    model, tok, path = setup
+    wrapper = svf.SVF(model, svf.checkpoint_identity(path), "all", use_cache=False, log=lambda *a: None)
+    cfg = config(baseline=True, samples=2, temperature=1.0, micro_batch=2)
+    prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5], [7, 8, 9, 10], [7, 8, 9, 10]]
+    completions = [[6, 7], [8], [9, 10, 11], [12], [13, 14], [15]]
+    rewards = [1.0, -1.0, -1.0, -1.0, -1.0, 1.0]    # question 2: both wrong, advantage 0
+    grads, seen = [], []
+    real = reinforce.token_logprobs
+    monkeypatch.setattr(reinforce, "token_logprobs", lambda m, p, *a, **k: seen.append(len(p)) or real(m, p, *a, **k))
+    for skip in (False, True):
+        for p in wrapper.parameters():
+            p.grad = None
+        seen.clear()
+        reinforce.policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, 256, skip_zero=skip)
+        grads.append([p.grad.clone() for p in wrapper.parameters()])
+        assert sum(seen) == (4 if skip else 6)        # the two rows of question 2 never ran
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_sampled_rollouts_are_scored_under_the_tempered_distribution(setup):
+    model, tok, path = setup
+    prompts, completions = [[1, 2, 3]], [[6, 7, 8]]
+    logp1, _, logits = token_logprobs(model, prompts, completions, 256, return_logits=True)
+    logp_t, _ = token_logprobs(model, prompts, completions, 256, temperature=0.5)
+    expected = torch.log_softmax(logits.float() / 0.5, -1).gather(-1, torch.tensor([[[6], [7], [8]]])).squeeze(-1)
+    torch.testing.assert_close(logp_t, expected)
+    assert not torch.allclose(logp_t, logp1)
 
 
 def test_nan_loss_stops_without_writing_an_expert(setup, tmp_path, monkeypatch):
