@@ -55,7 +55,7 @@ from cem import load_experts, mix_from_file, say
 from data import get_task, paired_difference
 from data.cls import ClsTask, extract_label
 from data.evaluate import Record, Result
-from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
 
 CATEGORIES = ("code", "math", "reasoning", "other")
 TASK_CATEGORY = {"arc_easy": "reasoning", "arc_challenge": "reasoning", "gsm8k": "math", "math": "math",

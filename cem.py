@@ -56,7 +56,7 @@ import safetensors_io
 import svf
 from data import get_task, split_shots
 from data.task import prefill
-from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
 from model import token_logprobs
 
 say = functools.partial(print, flush=True)  # progress lines show up at once, also in a log file
@@ -258,7 +258,7 @@ class FewShotConfig:
     init_std: float = 0.5
     bounds: tuple = (0.0, 1.0)
     per_matrix: bool = False
-    max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
+    max_new_tokens: int = 0  # 0: per task (chat.MAX_NEW_TOKENS)
     batch_size: int = 16
     seed: int = 0
 

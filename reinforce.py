@@ -55,7 +55,7 @@ import torch
 
 import svf
 from data import evaluate, get_task
-from evaluate_model import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
 from model import token_logprobs
 
 
@@ -73,7 +73,7 @@ class TrainConfig:
     samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
     temperature: float = 0.0
     shuffle_options: bool = False  # not official: a random option order for each training rollout
-    max_new_tokens: int = 0  # 0: per task (evaluate_model.MAX_NEW_TOKENS)
+    max_new_tokens: int = 0  # 0: per task (chat.MAX_NEW_TOKENS)
     clip: float = 1e-3
     eval_every: int = 10
     eval_limit: int = 200

@@ -24,7 +24,7 @@ import torch
 import svf
 from data import get_task, wilson_interval
 from data.task import system, user
-from evaluate_model import Completer, add_model_arguments, load
+from chat import Completer, add_model_arguments, load
 from model import left_pad, token_logprobs
 
 LETTERS = "ABCD"

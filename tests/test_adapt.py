@@ -9,7 +9,7 @@ import adapt
 import cem
 import svf
 from data.task import Example, Task
-from evaluate_model import Completer
+from chat import Completer
 from model import load_model
 from test_cem import byte_tokenizer
 

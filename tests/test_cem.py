@@ -10,7 +10,7 @@ import cem
 import svf
 from data import get_task, split_shots
 from data.task import Example, Task
-from evaluate_model import Completer
+from chat import Completer
 from model import load_model, token_logprobs
 from tokenizer import GPT2_PATTERN, Tokenizer
 

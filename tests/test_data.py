@@ -415,7 +415,7 @@ def test_an_expert_is_evaluated_with_the_prompt_it_was_trained_with_unless_told(
     import torch
     import safetensors_io
     import svf
-    from evaluate_model import choose_prompt
+    from chat import choose_prompt
     expert = tmp_path / "e.safetensors"
     safetensors_io.save(expert, {"p": torch.zeros(2)}, {"info": json.dumps({"task": "arc_easy", "prompt": "first"})})
     info = svf.file_info(expert)

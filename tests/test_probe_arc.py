@@ -5,7 +5,7 @@ import torch
 
 from benchmarks.probe_arc import calibrated_choice, option_scores
 from data.task import Example, system, user
-from evaluate_model import Completer
+from chat import Completer
 from model import token_logprobs
 
 

@@ -1,0 +1,82 @@
+"""From a checkpoint to the tasks: chat prompts in, completions out, and the flags every script shares.
+
+The data flows checkpoint -> model.py (+ tokenizer.py) -> chat.py -> data/ (tasks, scorers):
+
+    model, tok, model_dir = load(args)                 # from --model / --dtype (add_model_arguments)
+    complete = Completer(model, tok, max_new_tokens=64)
+    complete([[{"role": "user", "content": "What is 2 + 3?"}]])   # -> ["2 + 3 = 5."]
+
+`Completer` renders chat messages with the checkpoint's template and generates with model.generate;
+it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.py and adapt.py use it.
+"""
+
+import torch
+
+import checkpoints
+from data import add_data_dir_argument, get_task
+from model import generate, load_model
+from tokenizer import Tokenizer
+
+# Generation budget per task: enough for the prompt formats in data/ (a letter and the option's
+# text for ARC, a worked solution for math, a function for code) and not much more.
+MAX_NEW_TOKENS = {"arc_easy": 64, "arc_challenge": 64, "cls": 16, "gsm8k": 320, "math": 512,
+                  "math500": 512, "mbpp": 320, "humaneval": 384}
+
+
+class Completer:
+    """complete_fn for data.evaluate: list of chat message lists -> list of completions.
+
+    A message list that ends with an assistant message is a prefill: the completion continues it.
+    Prompts are generated in batches of `batch_size`, sorted by length so that little is padding.
+    """
+
+    def __init__(self, model, tok, max_new_tokens=64, temperature=0.0, top_p=1.0, batch_size=16, seed=0):
+        self.model, self.tok = model, tok
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def encode(self, messages):
+        if messages[-1]["role"] == "assistant":  # continue the prefill: no end-of-turn after it
+            return self.tok.chat(messages[:-1]) + self.tok.encode(messages[-1]["content"])
+        return self.tok.chat(messages)
+
+    def generate_ids(self, prompts):
+        """prompts: list of token lists -> list of generated token lists (stop token excluded)."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            new = generate(self.model, [prompts[i] for i in idx], self.max_new_tokens, self.temperature,
+                           self.top_p, self.tok.stop_tokens, self.tok.pad_id, self.generator)
+            for i, ids in zip(idx, new):
+                out[i] = ids
+        return out
+
+    def __call__(self, message_lists):
+        return [self.tok.decode(ids) for ids in self.generate_ids([self.encode(m) for m in message_lists])]
+
+
+def add_model_arguments(ap):
+    """The flags every script shares for choosing and running a checkpoint."""
+    ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    add_data_dir_argument(ap)
+
+
+def load(args):
+    """(model, tokenizer, model_dir) from the shared flags."""
+    path = checkpoints.resolve_model(args.model)
+    model, _ = load_model(path, dtype=getattr(torch, args.dtype))
+    return model, Tokenizer.from_dir(path), path
+
+
+def choose_prompt(task_name, prompt=None, info=None):
+    """The prompt given (--prompt), else the one an expert was trained with (`info`, svf.file_info),
+    where the task has a prompt of that name: an expert answers best in the format it learned.
+    None means the task's default."""
+    if prompt is not None:
+        return prompt
+    trained = (info or {}).get("prompt")
+    return trained if trained in get_task(task_name).prompts else None
