@@ -1,5 +1,6 @@
 """REINFORCE on a tiny random model and a synthetic task whose reward can be learned in a few dozen steps."""
 
+import dataclasses
 import json
 import os
 
@@ -252,6 +253,38 @@ def test_contradictory_sampling_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         reinforce.main(["--task", "arc"] + flags)
     assert message in capsys.readouterr().err
+
+
+def test_each_task_defaults_to_its_recipe_and_flags_change_single_settings(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(reinforce, "load", lambda args: (None, None, None))
+    monkeypatch.setattr(reinforce, "train", lambda cfg, model, tok, model_dir, task, run_dir, out, resume:
+                        seen.update(cfg=cfg, out=out))
+    reinforce.main(["--task", "arc"])
+    assert seen["cfg"] == reinforce.recipe("arc_easy") and seen["out"] == "experts/arc.safetensors"
+    assert (seen["cfg"].prompt, seen["cfg"].baseline, seen["cfg"].shuffle_options) == ("first", True, True)
+    reinforce.main(["--task", "arc", "--no-baseline", "--kl", "0.1"])
+    assert (seen["cfg"].baseline, seen["cfg"].kl, seen["cfg"].prompt) == (False, 0.1, "first")
+    reinforce.main(["--task", "arc", "--recipe", "official"])
+    official = reinforce.TrainConfig(task="arc_easy", prompt="official")
+    assert seen["cfg"] == official and not official.baseline and official.temperature == 0  # the official code's
+
+
+EXPERTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experts")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(EXPERTS) if f.endswith(".safetensors")
+                                        and not f.startswith("fewshot-")))
+def test_every_shipped_expert_was_made_by_its_tasks_recipe(name):
+    """`python reinforce.py --task T` must train experts/T.safetensors again: the settings the file
+    recorded are the recipe's (the task written as given on the command line aside)."""
+    info = svf.file_info(os.path.join(EXPERTS, name))
+    task = reinforce.get_task(info["config"]["task"], prompt=info["config"]["prompt"])
+    # older files wrote prompt None for the task's default, and lack settings added since (at their defaults)
+    recorded = {**dataclasses.asdict(reinforce.TrainConfig()), **info["config"], "task": task.name, "prompt": task.prompt}
+    expected = dataclasses.asdict(reinforce.recipe(info["task"]))
+    assert recorded == expected
+    assert reinforce.expert_path(info["task"]) == os.path.join("experts", name)
 
 
 def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup, monkeypatch):
