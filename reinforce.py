@@ -36,6 +36,8 @@ each rollout's reward is then compared with the mean of its own question's K rol
 baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
 `--shuffle-options` (not official; multiple-choice tasks) shows each training question with its
 options in a new random order, so the right letter is uniform and preferring a letter earns nothing.
+`--max-difficulty N` (not official) trains on the easier questions only (task.difficulty; GSM8K:
+the number of calculation steps of the reference solution) and validates on all of them.
 
 Never loses work: the training state (p, Adam, step, best expert, random state) is written atomically
 after every step, so Ctrl-C or a kill costs at most the step in progress; `--resume` continues and,
@@ -76,6 +78,7 @@ class TrainConfig:
     samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
     temperature: float = 0.0
     shuffle_options: bool = False  # not official: a random option order for each training rollout
+    max_difficulty: int = None  # not official: a curriculum, training questions of task.difficulty <= this
     max_new_tokens: int = 0  # 0: per task (chat.MAX_NEW_TOKENS)
     clip: float = 1e-3
     eval_every: int = 10
@@ -267,6 +270,9 @@ def plot(log_path, out_path):
 def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     """Runs cfg.steps REINFORCE steps of an SVF expert on `task`; returns the best validation result."""
     train_set, val_set = task.load("train"), task.load("validation")[:cfg.eval_limit]
+    if cfg.max_difficulty is not None:  # validation stays the whole distribution: it measures the goal
+        train_set = [ex for ex in train_set if task.difficulty(ex) <= cfg.max_difficulty]
+        print(f"curriculum: {len(train_set)} training questions of difficulty <= {cfg.max_difficulty}")
     torch.manual_seed(cfg.seed)
     wrapper = svf.SVF(model, svf.checkpoint_identity(model_dir), cfg.targets, seed=cfg.seed)
     opt = torch.optim.Adam(wrapper.parameters(), lr=cfg.lr)
@@ -394,6 +400,8 @@ def main(argv=None):
     ap.add_argument("--shuffle-options", action=argparse.BooleanOptionalAction, default=None,
                     help="multiple choice: show each training question's options in a random order (not official)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="0: per task (chat.MAX_NEW_TOKENS)")
+    ap.add_argument("--max-difficulty", type=int, default=None,
+                    help="curriculum: train on questions of at most this task.difficulty (GSM8K: calculation steps)")
     ap.add_argument("--clip", type=float, default=None, help=f"gradient-norm clip (default: {d.clip}, official)")
     ap.add_argument("--eval-every", type=int, default=None, help=f"steps between validations (default: {d.eval_every})")
     ap.add_argument("--eval-limit", type=int, default=None, help=f"validation items used {recipe_default}")

@@ -114,3 +114,9 @@ class Gsm8kTask(Task):
 
     def is_correct(self, answer, example):
         return Decimal(answer) == Decimal(example.answer)
+
+    def difficulty(self, example):
+        """The number of calculator notes ("<<48/2=24>>") in the reference solution: one per arithmetic
+        step. A curriculum for a model that solves almost nothing (reinforce.py --max-difficulty): of
+        the 3737 training problems, 54 have no note, 197 one, 1090 two, 1089 three, the rest four to nine."""
+        return example.meta["solution"].count("<<")

@@ -109,6 +109,11 @@ class Task:
     def is_correct(self, answer, example):
         return answer == example.answer
 
+    def difficulty(self, example):
+        """A number that orders the examples from easy to hard, for a curriculum (reinforce.py
+        --max-difficulty); tasks that define one override this."""
+        raise NotImplementedError(f"{self.name} defines no difficulty; GSM8K does (its number of calculation steps)")
+
     def score(self, example, output):
         """True when `output` (the completion for `example`) answers correctly."""
         answer = self.extract(output, example)

@@ -244,6 +244,29 @@ def test_group_rollouts_learn_the_bandit(setup, tmp_path):
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.5, r
 
 
+class GradedLowByteTask(LowByteTask):
+    def __init__(self):
+        super().__init__()
+        self.drawn = set()
+
+    def difficulty(self, ex):
+        return int(ex.problem) % 3          # 0, 1, 2, 0, 1, 2, ...
+
+    def score_many(self, examples, outputs):
+        self.drawn |= {ex.id for ex in examples}
+        return super().score_many(examples, outputs)
+
+
+def test_a_curriculum_trains_on_the_easy_questions_and_validates_on_all(setup, tmp_path):
+    model, tok, path = setup
+    task = GradedLowByteTask()
+    reinforce.train(config(steps=4, eval_every=4, max_difficulty=1), model, tok, path, task,
+                    str(tmp_path / "run"), str(tmp_path / "run.safetensors"))
+    train_ids = {i for i in task.drawn if "/train/" in i}
+    assert train_ids and all(int(i.rsplit("/", 1)[1]) % 3 <= 1 for i in train_ids)
+    assert len({i for i in task.drawn if "/validation/" in i}) == 16           # every validation item
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--samples", "3"], "divide --batch-size"),
     (["--samples", "4"], "needs --temperature"),
