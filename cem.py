@@ -23,8 +23,9 @@ tuple, compared lexicographically. Defaults follow the official code (population
 Fitness of alpha = (accuracy on the shots, mean log-likelihood): ties in accuracy, frequent with 10
 shots, are broken by the mean per-token log-likelihood, under the mixed weights, of a correct
 completion of each shot. We use the *reference* answer written out as the prompt asks for it
-(`gold_completion`: the letter for ARC's letter prompt, the worked solution for GSM8K and MATH, the
-reference program for the code tasks); it exists for every shot, so it also rewards progress on
+(`task.reference_completion`, data/: the letter for ARC's letter prompt, the worked solution for
+GSM8K and MATH, the reference program for the code tasks, the target reinforce.py's `--objective
+nll` trains on); it exists for every shot, so it also rewards progress on
 the shots still answered wrongly. Where no reference completion fits the prompt (ARC's official
 chain-of-thought prefill), we fall back to the official rule: the model's own outputs on the shots
 it answered correctly.
@@ -55,7 +56,6 @@ import torch
 import safetensors_io
 import svf
 from data import get_task, split_shots
-from data.task import prefill
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
 from model import token_logprobs
 
@@ -189,26 +189,6 @@ def mix_from_file(wrapper, path):
 
 # ----------------------------------------------------------------------------- the few-shot search
 
-def gold_completion(task, ex):
-    """A correct completion of ex's prompt written from the reference answer, or None where none fits.
-
-    When the prompt prefills the assistant turn, the part after the prefill (None if the reference
-    does not start with it, as with ARC's chain-of-thought prefill)."""
-    if task.name in ("arc_easy", "arc_challenge"):
-        option = ex.meta["options"][ex.meta["answer_index"]]
-        text = {"letter": ex.answer, "restate": f"{ex.answer}. {option}", "text": option, "first": option}.get(task.prompt)
-    elif task.name in ("gsm8k", "math", "math500"):
-        text = ex.meta.get("solution")
-    elif task.name == "mbpp":
-        text = f"```python\n{ex.answer}\n```"
-    elif task.name == "humaneval":  # the prompt's code as the official prefill shows it (stripped), then the body
-        text = f"```python\n{ex.meta['prompt'].strip()}\n{ex.answer}```"
-    else:
-        text = None
-    pre = prefill(ex)
-    return text[len(pre):] if text is not None and text.startswith(pre) else None
-
-
 class ShotFitness:
     """fitness(x) = (accuracy on the shots, mean log-likelihood) of the mix with alpha = x.reshape(K, -1)."""
 
@@ -216,7 +196,7 @@ class ShotFitness:
         self.wrapper, self.experts, self.task, self.shots, self.completer = wrapper, experts, task, shots, completer
         tok = completer.tok
         self.prompts = [completer.encode(ex.messages) for ex in shots]
-        gold = [gold_completion(task, ex) for ex in shots]
+        gold = [task.reference_completion(ex) for ex in shots]
         self.gold = [None if g is None else tok.encode(g) for g in gold]
 
     def __call__(self, x):

@@ -190,6 +190,13 @@ class ArcTask(Task):
                                  options=[m["options"][i] for i in order], labels=[m["labels"][i] for i in order],
                                  answer_index=order.index(m["answer_index"])))
 
+    def reference_text(self, example):
+        """The answer as each prompt asks for it: "B" (letter), "B. water" (restate), "water" (text,
+        first). None for `official`, whose answer is a chain of thought that no reference writes."""
+        option = example.meta["options"][example.meta["answer_index"]]
+        return {"letter": example.answer, "restate": f"{example.answer}. {option}", "text": option,
+                "first": option}.get(self.prompt)
+
     def extract(self, output, example=None):
         if example is None:
             raise ValueError("ARC extraction needs the example (to match the option texts)")

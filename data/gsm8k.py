@@ -109,6 +109,9 @@ class Gsm8kTask(Task):
         return Example(id=rec["id"], problem=rec["question"], messages=self.messages(rec),
                        answer=gold_answer(rec["answer"]), meta=dict(solution=rec["answer"]))
 
+    def reference_text(self, example):
+        return example.meta["solution"]  # the worked solution, ending in "#### 72" (the cot prompt asks for it)
+
     def extract(self, output, example=None):
         return extract_number(output)
 

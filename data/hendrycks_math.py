@@ -97,6 +97,9 @@ class MathTask(Task):
         return Example(id=rec["id"], problem=rec["problem"], messages=self.messages(rec), answer=rec["answer"],
                        meta=dict(level=rec["level"], subject=rec["subject"], solution=rec["solution"]))
 
+    def reference_text(self, example):
+        return example.meta["solution"]  # the worked solution, with its \boxed{} answer
+
     def extract(self, output, example=None):
         return extract_answer(output)
 

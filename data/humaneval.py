@@ -54,6 +54,11 @@ class HumanEvalTask(CodeTask):
                        answer=rec["canonical_solution"],
                        meta=dict(prompt=rec["prompt"], test=rec["test"], entry_point=rec["entry_point"]))
 
+    def reference_text(self, example):
+        # The prompt's code as the official prefill shows it (stripped), then the reference body. The
+        # `complete` prompt has no prefill, so this is also its whole answer.
+        return f"```python\n{example.meta['prompt'].strip()}\n{example.answer}```"
+
     def program(self, example, code):
         prompt, entry = example.meta["prompt"], example.meta["entry_point"]
         if re.search(rf"^def {re.escape(entry)}\s*\(", code, re.MULTILINE):

@@ -70,6 +70,9 @@ class MbppTask(CodeTask):
                        answer=rec["code"], meta=dict(tests=rec["test_list"], setup=rec["test_setup_code"],
                                                      entry_point=entry_point(rec["test_list"])))
 
+    def reference_text(self, example):
+        return f"```python\n{example.answer}\n```"  # the reference program in the fence the prompts ask for
+
     def program(self, example, code):
         # The setup code comes after the solution: in the two problems that have one (367, 927)
         # it builds test inputs from a class the solution defines.

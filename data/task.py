@@ -114,6 +114,21 @@ class Task:
         --max-difficulty); tasks that define one override this."""
         raise NotImplementedError(f"{self.name} defines no difficulty; GSM8K does (its number of calculation steps)")
 
+    def reference_text(self, example):
+        """The whole assistant turn of a correct answer in the prompt's format, written from the
+        reference answer, or None where the task has none (the default). Subclasses override it."""
+        return None
+
+    def reference_completion(self, example):
+        """A correct completion of `example`'s prompt: reference_text after the prompt's prefill,
+        what the model would have to generate. None where the task has no reference text or it does
+        not begin with the prefill (ARC's chain-of-thought prefill, "Let's think step by step", has
+        no written reasoning to continue it). Used as the target of next-token prediction
+        (reinforce.py --objective nll) and to score the few-shot mixes of cem.py."""
+        text = self.reference_text(example)
+        pre = prefill(example)
+        return text[len(pre):] if text is not None and text.startswith(pre) else None
+
     def score(self, example, output):
         """True when `output` (the completion for `example`) answers correctly."""
         answer = self.extract(output, example)

@@ -2,6 +2,7 @@
 
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -123,25 +124,36 @@ def setup(tiny_checkpoint, tmp_path):
 
 
 @needs_data
-def test_gold_completions_follow_the_prompt():
+def test_reference_completions_follow_the_prompt():
+    """task.reference_completion (data/): the target of cem's tie-break and of reinforce.py --objective nll."""
     arc = get_task("arc_challenge", prompt="letter", data_dir=DATA)
     ex = arc.load("validation")[0]
-    assert cem.gold_completion(arc, ex) == ex.answer
-    assert cem.gold_completion(get_task("arc_challenge", prompt="official", data_dir=DATA), ex) is None  # CoT prefill
+    assert arc.reference_completion(ex) == ex.answer
+    assert get_task("arc_challenge", prompt="official", data_dir=DATA).reference_completion(ex) is None  # CoT prefill
     first = get_task("arc_challenge", prompt="first", data_dir=DATA)
-    assert cem.gold_completion(first, first.load("validation")[0]) == ex.meta["options"][ex.meta["answer_index"]]
+    ex = first.load("validation")[0]
+    option = ex.meta["options"][ex.meta["answer_index"]]
+    assert first.reference_completion(ex) == option
+    for seed in range(5):  # --shuffle-options: the reference follows the option, wherever it lands
+        shuffled = first.shuffled(ex, random.Random(seed))
+        assert first.reference_completion(shuffled) == option and first.score(shuffled, option)
+    restate = get_task("arc_challenge", prompt="restate", data_dir=DATA)
+    shuffled = restate.shuffled(ex, random.Random(1))
+    assert restate.reference_completion(shuffled) == f"{shuffled.answer}. {option}" and shuffled.answer != ex.answer
     gsm = get_task("gsm8k", data_dir=DATA)
     ex = gsm.load("validation")[0]
-    assert cem.gold_completion(gsm, ex) == ex.meta["solution"]
+    assert gsm.reference_completion(ex) == ex.meta["solution"]
     mbpp = get_task("mbpp", prompt="official", data_dir=DATA)  # prefilled with "```python"
     ex = mbpp.load("validation")[0]
-    assert cem.gold_completion(mbpp, ex) == f"\n{ex.answer}\n```"
+    assert mbpp.reference_completion(ex) == f"\n{ex.answer}\n```"
     for prompt in ("official", "complete"):  # every problem: 142 of 164 prompts begin with a newline
         he = get_task("humaneval", prompt=prompt, data_dir=DATA)
         examples = he.load("test")
-        golds = [cem.gold_completion(he, ex) for ex in examples]
+        golds = [he.reference_completion(ex) for ex in examples]
         assert all(g is not None and ex.answer in g for g, ex in zip(golds, examples)), prompt
         assert he.score_many(examples, golds) == [True] * len(examples), prompt  # the references pass their tests
+    cls = get_task("cls", data_dir=DATA)
+    assert cls.reference_completion(cls.load("validation")[0]) is None  # a task without references
 
 
 def test_shot_fitness_is_accuracy_then_mean_loglik(setup, monkeypatch):
@@ -150,7 +162,7 @@ def test_shot_fitness_is_accuracy_then_mean_loglik(setup, monkeypatch):
     task = LowByteTask()
     shots = task.load("test")[:4]
     completer = Completer(model, tok, max_new_tokens=2, batch_size=4)
-    monkeypatch.setattr(cem, "gold_completion", lambda task, ex: "A!")  # a reference for every shot
+    monkeypatch.setattr(LowByteTask, "reference_completion", lambda self, ex: "A!")  # a reference for every shot
     fitness = cem.ShotFitness(wrapper, experts, task, shots, completer)
     alpha = torch.tensor([0.2, 0.5, 0.3])
     acc, loglik = fitness(alpha)
