@@ -8,7 +8,9 @@ Every targeted weight matrix is decomposed once, W = U diag(sigma) Vh (svd_cache
 The recomposition is an autograd Function with a plain PyTorch reference and a fused CUDA kernel
 (kernels/svf_recompose.cu, built on first use) behind one switch, impl = "auto" | "cuda" | "torch".
 
-    python svf.py --count    # SVF parameters next to LoRA, as in the paper's Table 4
+    python svf.py --count    # SVF parameters next to LoRA and the others (params.py), as in Table 4
+
+LoRA, the paper's baseline, is lora.py: the same wrapper shape and the same swap (swap_weights).
 """
 
 import argparse
@@ -25,9 +27,11 @@ import safetensors_io
 from svd_cache import checkpoint_identity, load_or_decompose, same_checkpoint  # W = U diag(sigma) Vh, cached
 
 # Matrices of one decoder layer, named by their Hugging Face keys. The official code targets the MLP
-# only; the paper's ablation (Table 4) finds MLP + attention best.
+# only; the paper's ablation (Table 4) finds MLP + attention best. "qv" is where the paper's LoRA
+# baseline goes (lora.py), and where SVF's 0.16M "attention" parameters of Table 4 fit (params.py).
 TARGETS = {"mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-           "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
+           "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+           "qv": ("self_attn.q_proj", "self_attn.v_proj")}
 TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
 EXPERT_FORMAT = "transformer2-svf-expert/1"
 KERNEL_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"svf_recompose.{ext}")
@@ -127,6 +131,29 @@ def recompose(U, s, Vh, impl="auto"):
     return Recompose.apply(U, s.to(U.dtype), Vh, impl)
 
 
+# ----------------------------------------------------------------------------- swapping weights in
+
+@contextlib.contextmanager
+def swap_weights(model, weights):
+    """`with swap_weights(model, {name: W'}):` the model computes with W'; afterwards it holds its
+    original tensors. Shared by SVF.applied and lora.LoRA.applied.
+
+    We swap tensors rather than copy values into them: restoring is then bit-exact by construction,
+    costs nothing, and works on read-only memory-mapped weights. Switching experts never reloads the
+    model. Nesting works: the inner block restores the outer block's weights.
+    """
+    params = {name: model.get_parameter(name) for name in weights}
+    originals = {}
+    try:
+        for name, W in weights.items():
+            originals[name] = params[name].data
+            params[name].data = W
+        yield model
+    finally:
+        for name, W in originals.items():
+            params[name].data = W
+
+
 # ----------------------------------------------------------------------------- the SVF wrapper
 
 class _Factors(nn.Module):
@@ -140,7 +167,7 @@ class _Factors(nn.Module):
 
 @dataclass
 class Expert:
-    p: dict  # {weight name: p (r,)}
+    p: dict  # {weight name: p (r,)}; for a LoRA file (lora.py) {factor key: A or B}
     info: dict = field(default_factory=dict)  # what the training run reported: task, steps, accuracy
     path: str = ""
 
@@ -209,30 +236,14 @@ class SVF(nn.Module):
         """The model's forward with W' in place of the targeted weights; autograd reaches only p."""
         return torch.func.functional_call(self.model, self.weights(), args, kwargs)
 
-    @contextlib.contextmanager
     def applied(self, z=None, weights=None):
-        """`with svf.applied(z):` the model computes with W'; afterwards it holds its original tensors.
-
-        `weights` ({name: W'}, from self.weights()) skips the recomposition when the caller has it.
-
-        We swap tensors rather than copy values into them: restoring is then bit-exact by
-        construction, costs nothing, and works on read-only memory-mapped weights. Switching experts
-        never reloads the model. Nesting works: the inner block restores the outer block's weights.
-        """
-        params = {name: self.model.get_parameter(name) for name in self.names}
+        """`with svf.applied(z):` the model computes with W' (default: from the trainable p); afterwards
+        it holds its original tensors, bit-exactly (swap_weights). `weights` ({name: W'}, from
+        self.weights()) skips the recomposition when the caller has it."""
         if weights is None:
             with torch.no_grad():
                 weights = self.weights(z)
-        new = weights
-        originals = {}
-        try:
-            for name, W in new.items():
-                originals[name] = params[name].data
-                params[name].data = W
-            yield self.model
-        finally:
-            for name, W in originals.items():
-                params[name].data = W
+        return swap_weights(self.model, weights)
 
     def mix(self, experts, alpha):
         """z' = sum_k alpha_k z_k: alpha (K,) one weight per expert, or (K, n_matrices) one per expert and matrix.
@@ -308,46 +319,16 @@ def load_expert_for(model, model_dir, path, **svf_kwargs):
     return wrapper, wrapper.load_expert(path)
 
 
-# ----------------------------------------------------------------------------- parameter count
-
-def count_params(cfg, lora_rank=16):
-    """SVF parameters (one per singular value) for each target set and LoRA on q and v, from config values."""
-    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or hidden // heads
-    shapes = {"self_attn.q_proj": (heads * hd, hidden), "self_attn.k_proj": (kv * hd, hidden),
-              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, heads * hd),
-              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
-    counts = {t: layers * sum(min(shapes[m]) for m in TARGETS[t]) for t in TARGETS}
-    counts["attn q,v"] = layers * sum(min(shapes[f"self_attn.{m}_proj"]) for m in "qv")
-    counts["lora"] = layers * sum(lora_rank * sum(shapes[f"self_attn.{m}_proj"]) for m in "qv")
-    return counts
-
-
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=128256)
-
-
-def main():
-    ap = argparse.ArgumentParser(description="SVF parameter counts next to LoRA (the paper's Table 4)")
-    ap.add_argument("--count", action="store_true", help="print SVF and LoRA parameter counts")
+def main(argv=None):
+    """`python svf.py --count`: the parameter table of params.py, kept under its old name."""
+    ap = argparse.ArgumentParser(description="SVF parameter counts next to LoRA and others (see params.py)")
+    ap.add_argument("--count", action="store_true", help="print the parameter counts (python params.py)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not args.count:
         ap.error("nothing to do: give --count")
-    import checkpoints  # imported here: the library part of this file never fetches a checkpoint
-    model_dir = args.model or checkpoints.default_model_dir()
-    with open(os.path.join(model_dir, "config.json")) as f:
-        rows = [(os.path.basename(os.path.abspath(model_dir)), count_params(json.load(f))),
-                ("Llama-3-8B-Instruct", count_params(LLAMA3_8B))]
-    M = lambda n: f"{n / 1e6:.2f}M"
-    print(f"{'SVF parameters':28} {'mlp':>8} {'attn':>8} {'all':>8} {'attn q,v':>9}   LoRA r=16 on q,v")
-    for label, c in rows:
-        print(f"{label:28} {M(c['mlp']):>8} {M(c['attn']):>8} {M(c['all']):>8} {M(c['attn q,v']):>9}   {M(c['lora'])}")
-    print(f"{'paper, Table 4 (Llama-3-8B)':28} {'0.39M':>8} {'0.16M':>8} {'0.58M':>8} {'':>9}   6.82M")
-    c = rows[1][1]
-    print(f"attn here is q, k, v and o; the paper's 0.16M equals SVF on q and v only, but then mlp + q,v "
-          f"is {M(c['mlp'] + c['attn q,v'])}, not 0.58M.")
+    import params  # imported here: params imports svf
+    params.main(["--model", args.model] if args.model else [])
 
 
 if __name__ == "__main__":

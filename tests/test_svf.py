@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import params
 import safetensors_io
 import svd_cache
 import svf
@@ -417,7 +418,7 @@ def test_svd_cache_is_keyed_by_the_weights_dtype(tiny_checkpoint):
 
 
 def test_parameter_count_matches_the_paper():
-    c = svf.count_params(svf.LLAMA3_8B)
+    c = params.count_params(params.LLAMA3_8B)  # the counting moved to params.py (see tests/test_params.py)
     assert c["mlp"] == 3 * 4096 * 32 and round(c["mlp"] / 1e6, 2) == 0.39
     assert round(c["attn q,v"] / 1e6, 2) == 0.16
     assert round(c["lora"] / 1e6, 2) == 6.82
