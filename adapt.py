@@ -14,7 +14,9 @@ Strategies (the expert of each category: --code-expert, --math-expert, --reasoni
 - cls: the same with the classification expert (reinforce.py --task cls) applied during pass 1.
 - fewshot: z' = sum_k alpha_k z_k with the alpha that cem.py found for the task. The search ran once
   per task beforehand (its time is printed); pass 1 is then only the mix.
-- base, expert: the reference rows of Table 2 (base weights; one expert for every question).
+- base, expert: the reference rows of Table 2 (base weights; one expert for every question). The
+  expert may be a LoRA file (reinforce.py --method lora), the paper's baseline; the other
+  strategies mix or route between SVF experts and refuse one.
 
 An evaluation classifies the whole split in batches, then groups the questions by the chosen expert
 and answers each group with that expert applied once: W' is recomposed once per expert and swapped
@@ -52,6 +54,7 @@ import torch
 
 import svf
 from cem import load_experts, mix_from_file, say
+from lora import load_adapter_for
 from data import get_task, paired_difference
 from data.cls import ClsTask, extract_label
 from data.evaluate import Record, Result
@@ -104,17 +107,25 @@ class Adapter:
         self.routes = cfg.routes()
         self.timing = dict(pass1_s=0.0, pass2_s=0.0, recompose_s=0.0, swap_s=0.0, switches=0, mix_s=0.0)
         files = [p for _, p, _ in cfg.files()]
-        self.wrapper, experts = load_experts(model, model_dir, files, log=log, **svf_kwargs) if files else (None, [])
-        loaded = dict(zip(files, experts))
+        if cfg.strategy == "expert":  # one file, never mixed: SVF or LoRA (told apart by its header)
+            self.wrapper, expert = load_adapter_for(model, model_dir, cfg.expert, log=log, **svf_kwargs)
+            loaded = {cfg.expert: expert}
+        else:
+            self.wrapper, experts = load_experts(model, model_dir, files, log=log, **svf_kwargs) if files else (None, [])
+            loaded = dict(zip(files, experts))
         t0 = time.perf_counter()
-        self.z, self.fewshot_info = {}, None  # choice -> z' {name: (r,)}, or None for the base weights
+        # choice -> what self.wrapper.weights() takes: z' {name: (r,)} for SVF, a LoRA file's factors
+        # {key: A or B}; None for the base weights
+        self.z, self.fewshot_info = {}, None
         for choice, path in self.routes.items():
             if path is None:
                 self.z[choice] = None
             elif choice == "fewshot":
                 self.z[choice], self.fewshot_info = mix_from_file(self.wrapper, path)
-            else:
+            elif isinstance(self.wrapper, svf.SVF):
                 self.z[choice] = self.wrapper.scales(loaded[path].p)
+            else:
+                self.z[choice] = loaded[path].p
         self.timing["mix_s"] = time.perf_counter() - t0
         if cfg.strategy == "fewshot":  # pass 1 of fewshot: read alpha and the experts, mix them
             self.timing["pass1_s"] = self.timing["mix_s"]
@@ -250,7 +261,7 @@ def main(argv=None):
         ap.add_argument(f"--{c}-expert", default=getattr(d, f"{c}_expert"), help="(default: %(default)s; 'base': none)")
     ap.add_argument("--cls-expert", default=d.cls_expert, help="pass-1 expert of --strategy cls (default: %(default)s)")
     ap.add_argument("--cls-prompt", default=None, choices=sorted(ClsTask.prompts), help="(default: the cls expert's)")
-    ap.add_argument("--expert", default=None, help="the expert of --strategy expert")
+    ap.add_argument("--expert", default=None, help="the expert of --strategy expert: SVF, or LoRA (reinforce.py --method lora)")
     ap.add_argument("--fewshot", default=None, help="cem.py's mix (default: experts/fewshot-<task>.safetensors)")
     ap.add_argument("--exclude-shots", default=None, help="leave out the shots of this cem.py mix")
     ap.add_argument("--classify-only", action="store_true", help="run pass 1 only: routing accuracy")

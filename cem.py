@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import lora
 import safetensors_io
 import svf
 from data import get_task, split_shots
@@ -133,6 +134,10 @@ def load_experts(model, model_dir, paths, **svf_kwargs):
         if not os.path.exists(path):
             raise FileNotFoundError(f"expert file {path} does not exist (train one with reinforce.py)")
         meta = safetensors_io.read_header(path)[1]
+        if meta.get("format") == lora.LORA_FORMAT:
+            raise svf.ExpertMismatch(f"{path} is a LoRA file: mixing experts or routing between them (cem.py, adapt.py "
+                                     f"--strategy prompt, cls, fewshot) needs SVF experts, whose z vectors mix; "
+                                     f"a LoRA file works alone, with evaluate_model.py --expert or adapt.py --strategy expert")
         if meta.get("format") != svf.EXPERT_FORMAT:
             raise svf.ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {svf.EXPERT_FORMAT!r} "
                                      f"(is it an SVF expert file?)")

@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint, optionally with an SVF expert, on any task and split.
+"""Evaluate a checkpoint, optionally with an expert (SVF or LoRA), on any task and split.
 
     python evaluate_model.py --task arc_easy --split test
     python evaluate_model.py --task arc_easy --split test --expert experts/arc.safetensors
+    python evaluate_model.py --task arc_easy --split test --expert runs/arc_easy-lora-nll-qv.safetensors   # a LoRA
     python evaluate_model.py --task gsm8k --split validation --limit 200 --prompt official
     python evaluate_model.py --task gsm8k --split test --out runs/gsm8k.json --resume
 
@@ -17,24 +18,26 @@ import os
 
 import checkpoints
 import svf
+from lora import load_adapter_for
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
 from data import Result, evaluate, get_task
 from data.evaluate import check_same_run
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Evaluate a checkpoint (and optionally an SVF expert) on a task.")
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Evaluate a checkpoint (and optionally an expert) on a task.")
     add_model_arguments(ap)
     ap.add_argument("--task", required=True, help="arc_easy (arc), arc_challenge, gsm8k, mbpp, humaneval, math, math500, cls")
     ap.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     ap.add_argument("--prompt", default=None,
                     help="prompt variant (default: the one --expert was trained with, else the task's default)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
-    ap.add_argument("--expert", default=None, help="an SVF expert file to apply (see reinforce.py)")
+    ap.add_argument("--expert", default=None,
+                    help="an expert file to apply: SVF, or LoRA (reinforce.py --method lora); told apart by its header")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: per task, see MAX_NEW_TOKENS")
     ap.add_argument("--out", default=None, help="write per-item records to this JSON file (after every batch)")
     ap.add_argument("--resume", action="store_true", help="skip the items already in --out and add the rest")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     if args.expert and not os.path.exists(args.expert):
         raise SystemExit(f"--expert {args.expert}: no such file (train one with reinforce.py)")
@@ -62,12 +65,13 @@ def main():
     completer = Completer(model, tok, max_new, batch_size=args.batch_size)
     run = dict(limit=args.limit, batch_size=args.batch_size * 2, previous=previous, out=args.out, settings=settings)
     if args.expert:
-        wrapper, expert = svf.load_expert_for(model, path, args.expert)
-        with wrapper.applied(wrapper.scales(expert.p)):
+        wrapper, _ = load_adapter_for(model, path, args.expert)  # SVF or LoRA, the file's tensors loaded
+        with wrapper.applied():
             result = evaluate(task, args.split, completer, **run)
     else:
         result = evaluate(task, args.split, completer, **run)
     print(result.summary())
+    return result
 
 
 if __name__ == "__main__":

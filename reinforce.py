@@ -1,27 +1,27 @@
-"""Train an SVF expert with REINFORCE: Transformer-Squared section 3.1, "End-to-end optimization with RL".
+"""Train an SVF expert with REINFORCE: Transformer-Squared section 3.1, "End-to-end optimization with RL";
+or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-token prediction.
 
     python reinforce.py --task arc                 # trains experts/arc.safetensors by its recipe (RECIPES)
     python reinforce.py --task cls                 # the classification expert of adapt.py --strategy cls
     python reinforce.py --task arc --recipe official --steps 20     # the official code's settings
     python reinforce.py --task arc --kl 0.1 --run-dir runs/arc-kl0.1   # one setting changed
     python reinforce.py --task arc --resume        # continue an interrupted run
+    python reinforce.py --task arc --method lora --objective nll   # the paper's LoRA baseline
 
 Each task's defaults are the recipe of its shipped expert (RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
 
-The objective (paper, eq. 1), maximised over the expert's vectors z only:
+The objective (paper, eq. 1), maximised over the expert's vectors z only (objectives.py writes out
+the loss of a batch, with the KL of whole answers; the log shows the KL per token):
 
     J(z) = E[ log pi_{W'}(y_hat | x) * r(y_hat, y) ] - lambda * D_KL(pi_{W'} || pi_W)
 
 Each step: greedy rollouts y_hat from the current expert, reward r = +1 if the task's scorer accepts
-the answer and -1 otherwise, then one Adam step on
-
-    loss = -(1/B) sum_i r_i * sum_t log pi_{W'}(y_hat_i,t | x_i, y_hat_i,<t)  +  lambda * (1/B) sum_i KL_i
-
-where KL_i = sum_t KL(pi_{W'}(. | x_i, y_hat_i,<t) || pi_W(. | ...)) is the KL between the two models'
-distributions of whole answers (chain rule), estimated at the answer generated: a sum over its
-tokens, as the policy term is. (A mean over all tokens would weigh lambda 1/L as much, L the mean
-answer length.) The log shows the KL per token.
+the answer and -1 otherwise, then one Adam step. `--method lora` trains LoRA's A and B (lora.py;
+rank 16 on q and v by default) in place of SVF's z; `--objective nll` takes one Adam step on the
+negative log-likelihood of the reference answers (objectives.py) in place of the rollouts and
+rewards. The batches, validation, best-on-validation rule, resume, logs and expert file are the
+same for every method and objective: one loop.
 
 Simplifications, as in the official code unless said otherwise: no baseline (`--baseline` subtracts
 the batch's mean reward, which the official code does not; without it a model that is mostly wrong
@@ -58,17 +58,27 @@ from dataclasses import dataclass
 
 import torch
 
+import lora
 import svf
 from data import evaluate, get_task
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
-from model import token_logprobs
+# the two objectives (advantages and kl_to_base stay importable from here, as before they moved)
+from objectives import (advantages, kl_to_base, nll_step, policy_gradient_step,  # noqa: F401
+                        reference_targets, require_references)
+
+
+DEFAULT_TARGETS = {"svf": "mlp", "lora": "qv"}  # per method: the official code's, the paper's LoRA baseline's
 
 
 @dataclass
 class TrainConfig:
     task: str = "arc_easy"
     prompt: str = None  # None: the task's default prompt
-    targets: str = "mlp"  # official default; the paper's ablation prefers "all"
+    method: str = "svf"  # or "lora" (lora.py), the paper's baseline
+    objective: str = "rl"  # or "nll": next-token prediction of the reference answers (objectives.py)
+    targets: str = None  # None: the method's default, svf "mlp" (official), lora "qv" (the paper's baseline)
+    rank: int = 16  # lora only: the paper's baseline rank
+    lora_alpha: float = None  # lora only; None: alpha = rank (Hu et al.), so alpha / rank = 1
     steps: int = 60
     batch_size: int = 16
     micro_batch: int = 8  # sequences per forward/backward; gradients are accumulated
@@ -84,6 +94,14 @@ class TrainConfig:
     eval_every: int = 10
     eval_limit: int = 200
     seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in DEFAULT_TARGETS or self.objective not in ("rl", "nll"):
+            raise ValueError(f"method={self.method!r}, objective={self.objective!r}; expected a method of "
+                             f"{sorted(DEFAULT_TARGETS)} and an objective 'rl' or 'nll'")
+        self.targets = self.targets or DEFAULT_TARGETS[self.method]
+        if self.method == "lora" and self.lora_alpha is None:
+            self.lora_alpha = float(self.rank)
 
 
 # The recipe of each shipped expert: `python reinforce.py --task T` trains experts/T.safetensors again
@@ -122,7 +140,26 @@ def config_from_args(args):
     """The recipe of args.recipe for args.task, with every flag the user gave (not None) on top."""
     base = dataclasses.asdict(recipe(args.task, args.recipe))
     given = {k: v for k, v in vars(args).items() if k in base and v is not None and k != "task"}
+    if given.get("method", base["method"]) != base["method"]:  # a recipe's targets are its method's
+        base.update(targets=None, lora_alpha=None)
     return TrainConfig(**dict(base, **given))
+
+
+def make_wrapper(cfg, model, model_dir):
+    """The trainable adaptation of cfg.method around the model: svf.SVF or lora.LoRA."""
+    identity = svf.checkpoint_identity(model_dir)
+    if cfg.method == "lora":
+        return lora.LoRA(model, identity, cfg.targets, cfg.rank, cfg.lora_alpha, seed=cfg.seed)
+    return svf.SVF(model, identity, cfg.targets, seed=cfg.seed)
+
+
+def default_names(cfg, task_name):
+    """(run dir, expert file) when --run-dir and --out are not given. SVF with RL keeps the names of
+    the shipped experts; the others go to runs/, so they never overwrite a file in experts/."""
+    if (cfg.method, cfg.objective) == ("svf", "rl"):
+        return os.path.join("runs", f"{task_name}-{cfg.targets}"), expert_path(task_name)
+    run_dir = os.path.join("runs", f"{task_name}-{cfg.method}-{cfg.objective}-{cfg.targets}")
+    return run_dir, run_dir + ".safetensors"
 
 
 def batch_indices(n, step, batch_size, seed):
@@ -138,87 +175,6 @@ def batch_indices(n, step, batch_size, seed):
         out += perm[offset:offset + take].tolist()
         pos += take
     return out
-
-
-def advantages(rewards, baseline=False, samples=1):
-    """The weight of each rollout in the loss: its reward, less the mean reward of its own question's
-    `samples` rollouts (consecutive in the batch) when samples > 1, or of the whole batch."""
-    r = torch.tensor(rewards, dtype=torch.float32)
-    if not baseline:
-        return r
-    groups = r.view(-1, samples) if samples > 1 else r.view(1, -1)  # (questions, K) or (1, B)
-    return (groups - groups.mean(1, keepdim=True)).flatten()
-
-
-def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
-    """(sum over generated tokens of KL(pi_new || pi_base) at each of them, number of such tokens).
-
-    The KL of each token's next-token distributions is summed over the vocabulary; summed over the
-    tokens of an answer it is the KL between the two models' distributions of whole answers, as in
-    the paper's equation 1 (by the chain rule, estimated at the answer generated)."""
-    with torch.no_grad():
-        _, _, logits_base = token_logprobs(model, prompts, completions, pad_id, return_logits=True)
-    logp_new = torch.log_softmax(logits_new.float(), -1)
-    logp_base = torch.log_softmax(logits_base.float(), -1)
-    kl = (logp_new.exp() * (logp_new - logp_base)).sum(-1)  # (B, L)
-    return (kl * mask).sum(), mask.sum()
-
-
-def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True):
-    """Accumulates the gradient of the loss into the expert's p; returns (loss, kl, t_backward, t_recomp).
-
-    loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
-    advantages: the paper's eq. 1 for a batch of B answers, KL per whole answer (summed over its
-    tokens) and averaged over the batch. The returned kl is per generated token, for the log.
-
-    With lambda = 0 a rollout whose advantage is 0 adds nothing to the gradient, so it is left out
-    of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
-    answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
-
-    The recomposed weights W' are computed once with autograd, then cut off as leaves: each
-    micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
-    through the recomposition to p. This bounds memory by the micro-batch and recomposes only once.
-    """
-    advantage = advantages(rewards, cfg.baseline, cfg.samples)
-    B = len(prompts)
-    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or advantage[i] != 0]
-    if not rows:
-        # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
-        # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
-        for p in wrapper.parameters():
-            p.grad = torch.zeros_like(p)
-        return 0.0, 0.0, 0.0, 0.0
-    prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
-    t0 = time.perf_counter()
-    weights = wrapper.weights()  # {name: W'} with a graph back to p
-    leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
-    t_recomp = time.perf_counter() - t0
-
-    def forward(ids, mask, **kwargs):
-        return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
-
-    # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
-    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-    total_loss, kl_sum, kl_count = 0.0, 0.0, 0
-    t0 = time.perf_counter()
-    for s in range(0, len(rows), cfg.micro_batch):
-        sl = slice(s, s + cfg.micro_batch)
-        logp, mask, logits = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,
-                                            return_logits=True, temperature=temperature)
-        loss = -(logp.sum(1) * advantage[sl]).sum() / B
-        if cfg.kl > 0:
-            kl, n = kl_to_base(model, prompts[sl], completions[sl], logits, mask, pad_id)
-            kl_sum, kl_count = kl_sum + kl.item(), kl_count + n.item()
-            loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()}; stopping before a broken expert is written")
-        loss.backward()
-        total_loss += loss.item()
-    t_backward = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    torch.autograd.backward(list(weights.values()), [leaves[k].grad for k in weights])
-    t_recomp += time.perf_counter() - t0
-    return total_loss, kl_sum / max(kl_count, 1), t_backward, t_recomp
 
 
 # ----------------------------------------------------------------------------- saving and resuming
@@ -255,7 +211,9 @@ def plot(log_path, out_path):
     steps = [r for r in rows if r["kind"] == "step"]
     evals = [r for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in steps], [r["reward"] for r in steps], label="mean reward (train batch)", alpha=0.6)
+    key, label = ("loss", "nll per reference token (train batch)") if steps and "reward" not in steps[0] \
+        else ("reward", "mean reward (train batch)")
+    ax.plot([r["step"] for r in steps], [r[key] for r in steps], label=label, alpha=0.6)
     ax.plot([r["step"] for r in evals], [2 * r["accuracy"] - 1 for r in evals], "o-",
             label="validation reward (2·accuracy − 1)")
     ax.set_xlabel("step")
@@ -267,14 +225,37 @@ def plot(log_path, out_path):
 
 # ----------------------------------------------------------------------------- training
 
+def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, cfg):
+    """One RL step's work before the optimizer: greedy (or sampled) rollouts with the current
+    expert, rewards +1/-1 from the task's scorer, the policy gradient. Returns the step's log row."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        new_weights = wrapper.weights()
+    t_recomp0 = time.perf_counter() - t0
+    with wrapper.applied(weights=new_weights):
+        completions = completer.generate_ids(prompts)
+    t_rollout = time.perf_counter() - t0 - t_recomp0
+    correct = task.score_many(batch, [tok.decode(c) for c in completions])
+    rewards = [1.0 if c else -1.0 for c in correct]
+    loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id)
+    return {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct), "kl": kl, "loss": loss,
+            "rollout_s": t_rollout, "backward_s": t_backward, "recompose_s": t_recomp + t_recomp0,
+            "new_tokens": sum(map(len, completions))}
+
+
 def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
-    """Runs cfg.steps REINFORCE steps of an SVF expert on `task`; returns the best validation result."""
+    """Runs cfg.steps steps of cfg.objective on an expert of cfg.method for `task`; returns the best
+    validation result. One loop for every method and objective: only the step's loss differs."""
     train_set, val_set = task.load("train"), task.load("validation")[:cfg.eval_limit]
     if cfg.max_difficulty is not None:  # validation stays the whole distribution: it measures the goal
         train_set = [ex for ex in train_set if task.difficulty(ex) <= cfg.max_difficulty]
         print(f"curriculum: {len(train_set)} training questions of difficulty <= {cfg.max_difficulty}")
+    if cfg.objective == "nll":
+        require_references(task, train_set)
     torch.manual_seed(cfg.seed)
-    wrapper = svf.SVF(model, svf.checkpoint_identity(model_dir), cfg.targets, seed=cfg.seed)
+    wrapper = make_wrapper(cfg, model, model_dir)
+    n_params = sum(p.numel() for p in wrapper.parameters())
+    print(f"{cfg.method} on {cfg.targets}, objective {cfg.objective}: {n_params:,} trainable parameters")
     opt = torch.optim.Adam(wrapper.parameters(), lr=cfg.lr)
     max_new = cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
     completer = Completer(model, tok, max_new, cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -315,8 +296,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable})
         if res.accuracy > best["accuracy"]:
             best.update(accuracy=res.accuracy, step=step, p=wrapper.state())
-            wrapper.save_expert(out, best["p"], task=task.name, prompt=task.prompt, steps=step,
-                                val_accuracy=res.accuracy, val_items=res.n, config=dataclasses.asdict(cfg))
+            wrapper.save_expert(out, best["p"], task=task.name, prompt=task.prompt, steps=step, val_accuracy=res.accuracy,
+                                val_items=res.n, trainable_params=n_params, config=dataclasses.asdict(cfg))
             print(f"  new best: wrote {out}")
 
     def save_state():
@@ -339,31 +320,22 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
                 rng = random.Random(cfg.seed * 100003 + step)
                 batch = [task.shuffled(ex, rng) for ex in batch]
             prompts = [completer.encode(ex.messages) for ex in batch]
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                new_weights = wrapper.weights()
-            t_recomp0 = time.perf_counter() - t0
-            with wrapper.applied(weights=new_weights):
-                completions = completer.generate_ids(prompts)
-            t_rollout = time.perf_counter() - t0 - t_recomp0
-            texts = [tok.decode(c) for c in completions]
-            correct = task.score_many(batch, texts)
-            rewards = [1.0 if c else -1.0 for c in correct]
-
             opt.zero_grad(set_to_none=True)
-            loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions,
-                                                                  rewards, cfg, tok.pad_id)
+            if cfg.objective == "nll":  # the reference answers are the targets: no rollouts
+                targets = reference_targets(task, batch, tok)
+                loss, t_backward, t_recomp = nll_step(wrapper, model, prompts, targets, cfg, tok.pad_id)
+                row = {"loss": loss, "tokens": sum(map(len, targets)), "backward_s": t_backward, "recompose_s": t_recomp}
+                shown = f"nll {loss:.4f} | tokens {row['tokens']}"
+            else:
+                row = rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, cfg)
+                shown = f"reward {row['reward']:+.3f} | acc {row['accuracy']:.3f} | kl {row['kl']:.2e}"
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.clip).item()
             opt.step()
             step += 1
-            row = {"kind": "step", "step": step, "reward": sum(rewards) / len(rewards),
-                   "accuracy": sum(correct) / len(correct), "kl": kl, "loss": loss, "grad_norm": grad_norm,
-                   "rollout_s": t_rollout, "backward_s": t_backward, "recompose_s": t_recomp + t_recomp0,
-                   "new_tokens": sum(map(len, completions))}
+            row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm}
             log(row)
-            print(f"step {step:4d}/{cfg.steps} | reward {row['reward']:+.3f} | acc {row['accuracy']:.3f} "
-                  f"| kl {kl:.2e} | |g| {grad_norm:.2e} | rollout {t_rollout:.1f}s backward {t_backward:.1f}s "
-                  f"recompose {row['recompose_s']:.1f}s", flush=True)
+            times = " ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in row.items() if k.endswith("_s"))
+            print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | {times}", flush=True)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate()
             save_state()
@@ -372,7 +344,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         sys.exit(130)
     plot(log_path, os.path.join(run_dir, "progress.png"))
     print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f}s; best validation accuracy "
-          f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; peak RSS "
+          f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; {n_params:,} trainable parameters; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return best
 
@@ -380,14 +352,22 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 def main(argv=None):
     d = TrainConfig()
     recipe_default = "(default: the task's recipe, see RECIPES)"
-    ap = argparse.ArgumentParser(description="Train an SVF expert with REINFORCE (Transformer² section 3.1).")
+    ap = argparse.ArgumentParser(description="Train an SVF expert with REINFORCE (Transformer² section 3.1), "
+                                 "or a LoRA, or with next-token prediction (the paper's baselines).")
     add_model_arguments(ap)
     ap.add_argument("--task", default=d.task, help="arc (arc_easy), gsm8k, mbpp, cls, ... (default: %(default)s)")
     ap.add_argument("--recipe", default="shipped", choices=["shipped", "official"],
                     help="start from the settings of the task's shipped expert, or of the official code (default: shipped)")
     ap.add_argument("--prompt", default=None, help=f"prompt variant {recipe_default}")
+    ap.add_argument("--method", default=None, choices=sorted(DEFAULT_TARGETS),
+                    help="svf (default), or lora (lora.py): the paper's baseline")
+    ap.add_argument("--objective", default=None, choices=["rl", "nll"],
+                    help="rl: REINFORCE (default); nll: next-token prediction of the reference answers")
     ap.add_argument("--targets", default=None, choices=sorted(svf.TARGETS),
-                    help=f"matrices to adapt (official: {d.targets})")
+                    help=f"matrices to adapt (default: {DEFAULT_TARGETS['svf']} for svf, as the official code; "
+                         f"{DEFAULT_TARGETS['lora']} for lora, as the paper's baseline)")
+    ap.add_argument("--rank", type=int, default=None, help=f"lora: the rank r (default: {d.rank}, the paper's)")
+    ap.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha, W' = W + (alpha/r) B A (default: r)")
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps {recipe_default}")
     ap.add_argument("--micro-batch", type=int, default=None, help=f"sequences per backward (default: {d.micro_batch})")
     ap.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {d.lr}, official)")
@@ -407,7 +387,8 @@ def main(argv=None):
     ap.add_argument("--eval-limit", type=int, default=None, help=f"validation items used {recipe_default}")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors, arc for ARC-Easy)")
-    ap.add_argument("--run-dir", default=None, help="training state and logs (default: runs/<task>-<targets>)")
+    ap.add_argument("--run-dir", default=None, help="training state and logs (default: runs/<task>-<targets>, "
+                    "runs/<task>-<method>-<objective>-<targets> for other methods or objectives)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
@@ -419,15 +400,27 @@ def main(argv=None):
         ap.error(f"--samples must be >= 1 and divide --batch-size ({cfg.batch_size})")
     if cfg.samples > 1 and cfg.temperature == 0:
         ap.error("--samples > 1 needs --temperature > 0: greedy rollouts of one question are identical")
+    if cfg.method != "lora" and (args.rank is not None or args.lora_alpha is not None):
+        ap.error("--rank and --lora-alpha set LoRA's factors: add --method lora")
+    if cfg.rank < 1 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
+        ap.error("--rank must be at least 1 and --lora-alpha above 0")
+    if cfg.objective == "nll" and (cfg.kl > 0 or cfg.samples > 1):
+        ap.error("--kl and --samples shape the RL objective; --objective nll has no rollouts to apply them to")
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
     if cfg.shuffle_options and not hasattr(task, "shuffled"):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
-    run_dir = args.run_dir or os.path.join("runs", f"{task.name}-{cfg.targets}")
+    default_run_dir, default_out = default_names(cfg, task.name)
     print(f"recipe {args.recipe} for {task.name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    task.load("train")  # fail on missing data before loading the model
+    train_set = task.load("train")  # fail on missing data before loading the model
+    if cfg.objective == "nll":
+        try:
+            require_references(task, train_set)
+        except ValueError as e:
+            ap.error(str(e))
+        if cfg.baseline or cfg.temperature > 0:
+            print("objective nll: --baseline and --temperature shape RL's rollouts and are not used")
     model, tok, model_dir = load(args)
-    out = args.out or expert_path(task.name)
-    return train(cfg, model, tok, model_dir, task, run_dir, out, args.resume)
+    return train(cfg, model, tok, model_dir, task, args.run_dir or default_run_dir, args.out or default_out, args.resume)
 
 
 if __name__ == "__main__":

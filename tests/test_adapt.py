@@ -7,6 +7,7 @@ import torch
 
 import adapt
 import cem
+import lora
 import svf
 from data.task import Example, Task
 from chat import Completer
@@ -146,6 +147,31 @@ def test_experts_with_other_targets_or_for_another_model_are_refused(setup, tiny
     with pytest.raises(svf.ExpertMismatch, match="trained for checkpoint"):
         adapt.Adapter(model, tok, path, config(paths, code_expert=str(tmp_path / "other.safetensors")), log=quiet,
                       use_cache=False)
+
+
+def test_strategy_expert_applies_a_lora_file_and_the_mixing_strategies_refuse_one(setup, tmp_path):
+    model, tok, path, paths = setup
+    adapter_lora = lora.LoRA(model, svf.checkpoint_identity(path), "qv", 2)
+    with torch.no_grad():
+        for B in adapter_lora.B:
+            B.normal_()
+    file = str(tmp_path / "lora.safetensors")
+    adapter_lora.save_expert(file, task="arc")
+    want = adapter_lora.weights()
+    adapter = adapt.Adapter(model, tok, path, config(paths, strategy="expert", expert=file), log=quiet)
+    assert isinstance(adapter.wrapper, lora.LoRA) and adapter.choose(["q-code"]) == ["expert"]
+    spy = SpyCompleter(model, tok, adapter_lora.names)
+    originals = base_tensors(model, adapter_lora.names)
+    adapter.answer([spy.encode([{"role": "user", "content": "hi"}])], ["expert"], spy)
+    for n in adapter_lora.names:
+        assert torch.equal(spy.calls[0][1][n], want[n]) and not torch.equal(want[n], originals[n]), n
+    assert_restored(model, originals)
+    assert adapter.timing["switches"] == 1
+    svf_adapter = adapt.Adapter(model, tok, path, config(paths, strategy="expert", expert=paths["math"]), log=quiet,
+                                use_cache=False)  # an SVF file still works there
+    assert isinstance(svf_adapter.wrapper, svf.SVF) and svf_adapter.wrapper.targets == "mlp"
+    with pytest.raises(svf.ExpertMismatch, match="is a LoRA file: mixing experts or routing between them"):
+        adapt.Adapter(model, tok, path, config(paths, strategy="prompt", math_expert=file), log=quiet, use_cache=False)
 
 
 class TwoCategoryTask(Task):

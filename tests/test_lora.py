@@ -199,3 +199,27 @@ def test_the_wrappers_train_as_many_parameters_as_params_py_counts(tiny_checkpoi
         n = sum(p.numel() for p in svf.SVF(model, identity, targets, use_cache=False, log=quiet).parameters())
         assert n == params.count(cfg, "svf", targets), (kind, targets)
     assert sum(p.numel() for p in model.parameters()) == params.count(cfg, "full"), kind
+
+
+def test_evaluate_model_applies_a_lora_file(tiny_checkpoint, tmp_path, monkeypatch):
+    """evaluate_model.py --expert takes a LoRA file where it took an SVF expert (chat.py, data/ stubbed)."""
+    import chat
+    import evaluate_model
+    from test_reinforce import LowByteTask, byte_tokenizer
+    path = tiny_checkpoint("llama", vocab_size=259)
+    model, _ = load_model(path)
+    tok = byte_tokenizer()
+    s = lora.LoRA(model, svf.checkpoint_identity(path), "all", 2)
+    randomise(s)
+    file = str(tmp_path / "lora.safetensors")
+    s.save_expert(file, task="lowbyte", prompt="plain")
+    monkeypatch.setattr(evaluate_model, "load", lambda args: (model, tok, path))
+    for module in (evaluate_model, chat):
+        monkeypatch.setattr(module, "get_task", lambda name, prompt=None, data_dir=None: LowByteTask(prompt=prompt))
+    run = lambda *flags: evaluate_model.main(["--task", "lowbyte", "--split", "validation", "--model", path,
+                                              "--max-new-tokens", "3", *flags])
+    base, adapted = run(), run("--expert", file)
+    prompts = [chat.Completer(model, tok).encode(ex.messages) for ex in LowByteTask().load("validation")]
+    with s.applied():
+        want = [tok.decode(ids) for ids in chat.Completer(model, tok, 3).generate_ids(prompts)]
+    assert [r.output for r in adapted.records] == want != [r.output for r in base.records]

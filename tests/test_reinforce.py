@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import objectives
 import reinforce
 import svf
 from data.task import Example, Task
@@ -176,8 +177,8 @@ def test_rollouts_with_zero_advantage_are_skipped_and_the_gradient_is_the_same(s
     completions = [[6, 7], [8], [9, 10, 11], [12], [13, 14], [15]]
     rewards = [1.0, -1.0, -1.0, -1.0, -1.0, 1.0]    # question 2: both wrong, advantage 0
     grads, seen = [], []
-    real = reinforce.token_logprobs
-    monkeypatch.setattr(reinforce, "token_logprobs", lambda m, p, *a, **k: seen.append(len(p)) or real(m, p, *a, **k))
+    real = objectives.token_logprobs
+    monkeypatch.setattr(objectives, "token_logprobs", lambda m, p, *a, **k: seen.append(len(p)) or real(m, p, *a, **k))
     for skip in (False, True):
         for p in wrapper.parameters():
             p.grad = None
@@ -200,7 +201,7 @@ def test_sampled_rollouts_are_scored_under_the_tempered_distribution(setup):
 
 
 def test_nan_loss_stops_without_writing_an_expert(setup, tmp_path, monkeypatch):
-    monkeypatch.setattr(reinforce, "token_logprobs",
+    monkeypatch.setattr(objectives, "token_logprobs",
                         lambda *a, **k: (torch.full((1, 1), float("nan"), requires_grad=True),
                                          torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, 259)))
     with pytest.raises(FloatingPointError, match="loss is nan"):
@@ -320,7 +321,7 @@ def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup,
     opt.step()                                          # a real step: Adam now has momentum
     before = [p.detach().clone() for p in wrapper.parameters()]
     opt.zero_grad(set_to_none=True)
-    monkeypatch.setattr(reinforce, "token_logprobs", lambda *a, **k: pytest.fail("ran a forward pass"))
+    monkeypatch.setattr(objectives, "token_logprobs", lambda *a, **k: pytest.fail("ran a forward pass"))
     assert reinforce.policy_gradient_step(wrapper, model, prompts, completions, [-1.0, -1.0], cfg, 256) == (0, 0, 0, 0)
     assert all(p.grad is not None and not p.grad.any() for p in wrapper.parameters())
     opt.step()

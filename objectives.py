@@ -1,0 +1,172 @@
+"""The two objectives an expert is trained with, side by side: Transformer-Squared eq. 1 and Table 4.
+
+- `rl` (policy_gradient_step): REINFORCE on the task's reward, the paper's eq. 1 (reinforce.py's
+  docstring has J and the simplifications). For B rollouts y_hat with rewards r_i = +1 or -1:
+
+      loss = -(1/B) sum_i r_i * sum_t log pi_{W'}(y_hat_i,t | x_i, y_hat_i,<t)  +  lambda * (1/B) sum_i KL_i
+
+  where KL_i = sum_t KL(pi_{W'}(. | x_i, y_hat_i,<t) || pi_W(. | ...)) is the KL between the two
+  models' distributions of whole answers (chain rule), estimated at the answer generated: a sum
+  over its tokens, as the policy term is. (A mean over all tokens would weigh lambda 1/L as much,
+  L the mean answer length.) With --baseline, r_i less the batch's (or question's) mean reward.
+- `nll` (nll_step): next-token prediction of the reference answer, the objective of the paper's LoRA
+  baseline (Table 1) and of Table 4's "SVF + next-token prediction" row:
+
+      loss = -(1 / N) sum_i sum_t log pi_{W'}(y*_i,t | x_i, y*_i,<t),   N = sum_i |y*_i|
+
+  y*_i is the reference completion of question i in the prompt's answer format
+  (task.reference_completion, data/), then the end-of-turn token, so that the model also learns
+  to stop where the answer ends. The mean is per token over every reference token of the batch, as
+  supervised fine-tuning usually takes it (Hugging Face's causal-LM loss), so a long answer weighs
+  more than a short one. No rollouts: the batch is the same training questions RL would see.
+
+Both accumulate the gradient into the wrapper's parameters (SVF's p, lora.py's A and B) in the same
+way (backward_through_weights), with `python reinforce.py --objective rl|nll --method svf|lora`.
+"""
+
+import time
+
+import torch
+
+from model import token_logprobs
+
+
+def backward_through_weights(wrapper, model, run):
+    """Calls run(forward), which runs the micro-batches' forward and backward passes with
+    `forward(ids, mask, **kw)`, and carries their gradient to the wrapper's parameters.
+    Returns (run's result, t_backward, t_recomp).
+
+    The adapted weights W' are computed once with autograd, then cut off as leaves: each
+    micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
+    through the recomposition (SVF) or W + (alpha/r) B A (LoRA) to the parameters. This bounds memory
+    by the micro-batch and forms W' only once per step.
+    """
+    t0 = time.perf_counter()
+    weights = wrapper.weights()  # {name: W'} with a graph back to the parameters
+    leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
+    t_recomp = time.perf_counter() - t0
+
+    def forward(ids, mask, **kwargs):
+        return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
+
+    t0 = time.perf_counter()
+    result = run(forward)
+    t_backward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.autograd.backward(list(weights.values()), [leaves[k].grad for k in weights])
+    return result, t_backward, t_recomp + time.perf_counter() - t0
+
+
+def check_finite(loss):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss.item()}; stopping before a broken expert is written")
+
+
+# ----------------------------------------------------------------------------- rl: REINFORCE, eq. 1
+
+def advantages(rewards, baseline=False, samples=1):
+    """The weight of each rollout in the loss: its reward, less the mean reward of its own question's
+    `samples` rollouts (consecutive in the batch) when samples > 1, or of the whole batch."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    if not baseline:
+        return r
+    groups = r.view(-1, samples) if samples > 1 else r.view(1, -1)  # (questions, K) or (1, B)
+    return (groups - groups.mean(1, keepdim=True)).flatten()
+
+
+def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
+    """(sum over generated tokens of KL(pi_new || pi_base) at each of them, number of such tokens).
+
+    The KL of each token's next-token distributions is summed over the vocabulary; summed over the
+    tokens of an answer it is the KL between the two models' distributions of whole answers, as in
+    the paper's equation 1 (by the chain rule, estimated at the answer generated)."""
+    with torch.no_grad():
+        _, _, logits_base = token_logprobs(model, prompts, completions, pad_id, return_logits=True)
+    logp_new = torch.log_softmax(logits_new.float(), -1)
+    logp_base = torch.log_softmax(logits_base.float(), -1)
+    kl = (logp_new.exp() * (logp_new - logp_base)).sum(-1)  # (B, L)
+    return (kl * mask).sum(), mask.sum()
+
+
+def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True):
+    """Accumulates the gradient of the loss into the expert's parameters; returns (loss, kl, t_backward, t_recomp).
+
+    loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
+    advantages: the paper's eq. 1 for a batch of B answers, KL per whole answer (summed over its
+    tokens) and averaged over the batch. The returned kl is per generated token, for the log.
+
+    With lambda = 0 a rollout whose advantage is 0 adds nothing to the gradient, so it is left out
+    of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
+    answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
+    """
+    advantage = advantages(rewards, cfg.baseline, cfg.samples)
+    B = len(prompts)
+    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or advantage[i] != 0]
+    if not rows:
+        # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
+        # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
+        for p in wrapper.parameters():
+            p.grad = torch.zeros_like(p)
+        return 0.0, 0.0, 0.0, 0.0
+    prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
+    # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
+
+    def run(forward):
+        total_loss, kl_sum, kl_count = 0.0, 0.0, 0
+        for s in range(0, len(rows), cfg.micro_batch):
+            sl = slice(s, s + cfg.micro_batch)
+            logp, mask, logits = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,
+                                                return_logits=True, temperature=temperature)
+            loss = -(logp.sum(1) * advantage[sl]).sum() / B
+            if cfg.kl > 0:
+                kl, n = kl_to_base(model, prompts[sl], completions[sl], logits, mask, pad_id)
+                kl_sum, kl_count = kl_sum + kl.item(), kl_count + n.item()
+                loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
+            check_finite(loss)
+            loss.backward()
+            total_loss += loss.item()
+        return total_loss, kl_sum / max(kl_count, 1)
+
+    (loss, kl), t_backward, t_recomp = backward_through_weights(wrapper, model, run)
+    return loss, kl, t_backward, t_recomp
+
+
+# ----------------------------------------------------------------------------- nll: next-token prediction
+
+def require_references(task, examples):
+    """Raises ValueError, naming the prompts that have them, unless every example has a reference completion."""
+    missing = sum(task.reference_completion(ex) is None for ex in examples)
+    if missing:
+        def has_references(prompt):  # judged by the first training question under that prompt
+            other = type(task)(prompt=prompt, data_dir=task.data_dir)
+            return other.reference_completion(other.load("train")[0]) is not None
+        works = [p for p in task.prompts if p != task.prompt and has_references(p)]
+        raise ValueError(f"--objective nll trains on reference answers, and {missing} of {len(examples)} "
+                         f"{task.name} training questions have none with --prompt {task.prompt} (a chain of thought "
+                         f"prefilled, or a task without references); prompts that have them: {works or 'none'}")
+
+
+def reference_targets(task, examples, tok):
+    """The token lists nll_step predicts: each example's reference completion, then the end-of-turn token."""
+    end = [tok.eos_id] if tok.eos_id is not None else []
+    return [tok.encode(task.reference_completion(ex)) + end for ex in examples]
+
+
+def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
+    """Accumulates the gradient of the mean negative log-likelihood per reference token (module
+    docstring) into the expert's parameters; returns (loss, t_backward, t_recomp)."""
+    N = sum(len(t) for t in targets)  # every reference token of the batch
+
+    def run(forward):
+        total = 0.0
+        for s in range(0, len(prompts), cfg.micro_batch):
+            sl = slice(s, s + cfg.micro_batch)
+            logp, _ = token_logprobs(model, prompts[sl], targets[sl], pad_id, forward)  # (b, L), 0 at padding
+            loss = -logp.sum() / N
+            check_finite(loss)
+            loss.backward()
+            total += loss.item()
+        return total
+
+    return backward_through_weights(wrapper, model, run)
