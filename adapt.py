@@ -48,14 +48,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
-from types import SimpleNamespace
 
 import torch
 
 import svf
 from cem import load_experts, mix_from_file, say
 from lora import load_adapter_for
-from data import get_task, paired_difference
+from data import get_task
+from data.evaluate import paired_difference_with
 from data.cls import ClsTask, extract_label
 from data.evaluate import Record, Result
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
@@ -320,9 +320,7 @@ def main(argv=None):
         say(f"{args.strategy}: {result.summary()}")
     report(adapter, confusion, len(examples))
     if result is not None and args.compare:
-        with open(args.compare) as f:
-            other = SimpleNamespace(records=[SimpleNamespace(**r) for r in json.load(f)["records"]])
-        diff, lo, hi, n = paired_difference(other, result)
+        diff, lo, hi, n = paired_difference_with(args.compare, result)
         say(f"vs {args.compare}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items")
     if result is not None and args.out:  # the Result's fields, and the choice and timings of each item
         saved = dict(task=task.name, split=args.split, prompt=task.prompt, strategy=args.strategy,

@@ -5,10 +5,12 @@
     python evaluate_model.py --task arc_easy --split test --expert runs/arc_easy-lora-nll-qv.safetensors   # a LoRA
     python evaluate_model.py --task gsm8k --split validation --limit 200 --prompt official
     python evaluate_model.py --task gsm8k --split test --out runs/gsm8k.json --resume
+    python evaluate_model.py --task arc_easy --split test --expert E --compare runs/base.json runs/other.json
 
 Prints one progress line per batch and a summary (accuracy with its 95% interval, unparsable rate,
 wall time), and with --out writes every prompt, output and extracted answer as JSON, after every
-batch; `--resume` continues an interrupted run from that file (or extends a --limit run).
+batch; `--resume` continues an interrupted run from that file (or extends a --limit run);
+`--compare` prints the paired (item by item) difference with runs saved by --out.
 
 The bridge between the model and the tasks (`Completer`, the shared flags) is chat.py.
 """
@@ -21,7 +23,7 @@ import svf
 from lora import load_adapter_for
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
 from data import Result, evaluate, get_task
-from data.evaluate import check_same_run
+from data.evaluate import check_same_run, paired_difference_with
 
 
 def main(argv=None):
@@ -37,7 +39,12 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: per task, see MAX_NEW_TOKENS")
     ap.add_argument("--out", default=None, help="write per-item records to this JSON file (after every batch)")
     ap.add_argument("--resume", action="store_true", help="skip the items already in --out and add the rest")
+    ap.add_argument("--compare", nargs="+", default=[], metavar="FILE",
+                    help="results saved by --out (here or adapt.py) to compare with, item by item")
     args = ap.parse_args(argv)
+    missing = [p for p in args.compare if not os.path.exists(p)]
+    if missing:
+        ap.error(f"--compare: no such file(s) {missing} (save a run with --out)")
 
     if args.expert and not os.path.exists(args.expert):
         raise SystemExit(f"--expert {args.expert}: no such file (train one with reinforce.py)")
@@ -71,6 +78,9 @@ def main(argv=None):
     else:
         result = evaluate(task, args.split, completer, **run)
     print(result.summary())
+    for path in args.compare:
+        diff, lo, hi, n = paired_difference_with(path, result)
+        print(f"vs {path}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items")
     return result
 
 

@@ -16,7 +16,8 @@ and `evaluate(..., previous=Result.load(path))` skips the items already done and
 
 Base-vs-expert comparisons run both on the same items; `paired_difference(a, b)` gives the
 accuracy difference with a 95% interval for such paired runs, which is much tighter than two
-separate intervals.
+separate intervals. `paired_difference_with(path, result)` compares with the records of a run
+saved by `evaluate_model.py --out` or `adapt.py --out` (their `--compare` flags).
 """
 
 import json
@@ -24,6 +25,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 Z95 = 1.959963984540054
 
@@ -160,3 +162,10 @@ def paired_difference(a, b, z=Z95):
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     half = z * math.sqrt(var / n)
     return mean, mean - half, mean + half, n
+
+
+def paired_difference_with(path, b, z=Z95):
+    """paired_difference(a, b) with `a` the records saved at `path` (evaluate_model.py or adapt.py --out)."""
+    with open(path) as f:
+        a = SimpleNamespace(records=[SimpleNamespace(**r) for r in json.load(f)["records"]])
+    return paired_difference(a, b, z)

@@ -201,8 +201,9 @@ def test_the_wrappers_train_as_many_parameters_as_params_py_counts(tiny_checkpoi
     assert sum(p.numel() for p in model.parameters()) == params.count(cfg, "full"), kind
 
 
-def test_evaluate_model_applies_a_lora_file(tiny_checkpoint, tmp_path, monkeypatch):
-    """evaluate_model.py --expert takes a LoRA file where it took an SVF expert (chat.py, data/ stubbed)."""
+def test_evaluate_model_applies_a_lora_file(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """evaluate_model.py --expert takes a LoRA file where it took an SVF expert, and --compare pairs
+    the items with a saved run (chat.py's model loading and data/'s task stubbed)."""
     import chat
     import evaluate_model
     from test_reinforce import LowByteTask, byte_tokenizer
@@ -218,8 +219,12 @@ def test_evaluate_model_applies_a_lora_file(tiny_checkpoint, tmp_path, monkeypat
         monkeypatch.setattr(module, "get_task", lambda name, prompt=None, data_dir=None: LowByteTask(prompt=prompt))
     run = lambda *flags: evaluate_model.main(["--task", "lowbyte", "--split", "validation", "--model", path,
                                               "--max-new-tokens", "3", *flags])
-    base, adapted = run(), run("--expert", file)
+    base_file = str(tmp_path / "base.json")
+    base, adapted = run("--out", base_file), run("--expert", file, "--compare", base_file)
     prompts = [chat.Completer(model, tok).encode(ex.messages) for ex in LowByteTask().load("validation")]
     with s.applied():
         want = [tok.decode(ids) for ids in chat.Completer(model, tok, 3).generate_ids(prompts)]
     assert [r.output for r in adapted.records] == want != [r.output for r in base.records]
+    diff = adapted.accuracy - base.accuracy
+    out = capsys.readouterr().out
+    assert f"vs {base_file}: {diff:+.4f} (95% CI" in out and "on 16 shared items" in out
