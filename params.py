@@ -99,7 +99,7 @@ def table(columns):
     lines = [f"{'trainable parameters':24} " + " ".join(f"{c:>{w}}" for c, w in zip(labels, width))]
     for label, method, targets, k, paper in ROWS:
         cells = [M(count(cfg, method, targets, k)) for cfg in columns.values()] + [paper]
-        lines.append(f"{label:24} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, width)))
+        lines.append((f"{label:24} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, width))).rstrip())
     return "\n".join(lines)
 
 
@@ -114,7 +114,7 @@ def main(argv=None):
                    "Llama-3-8B": LLAMA3_8B, "Qwen2.5-1.5B": QWEN25_1_5B}
     print(table(columns))
     c = count_params(LLAMA3_8B)
-    print(f"\nattn is q, k, v and o here. The paper's 0.16M for attention equals SVF on q and v only "
+    print(f"\nattn is q, k, v and o here. The paper's 0.16M for attention equals SVF on q and v only\n"
           f"({c['attn q,v'] / 1e6:.2f}M), but then mlp + q,v is {(c['mlp'] + c['attn q,v']) / 1e6:.2f}M, "
           f"not its 0.58M (marked ?).")
 
