@@ -34,11 +34,16 @@ native code or a CPython memory bug, gets past it; "OS" = holds even then):
 | network                                  | OS                      | guard                   |
 | other processes: see, signal, /proc/PID  | OS                      | guard                   |
 | the harness's environment, via /proc     | OS                      | guard                   |
-| disk filled through the working directory| OS: tmpfs, disk_mb      | guard: `files` x output |
-| files written, special files outside     | guard (devices: OS)     | guard                   |
-| forking, stray processes                 | OS (die with namespace) | guard, rlimits          |
+| disk filled in the working directory     | OS: tmpfs, disk_mb      | guard: files x output_kb|
+| files written, special files, elsewhere  | guard (devices: OS)     | guard                   |
+| forking (a fork bomb)                    | guard                   | guard (+ RLIMIT_NPROC)  |
+| processes left behind                    | OS: die with namespace  | guard (no fork at all)  |
 | reading files the user may read          | allowed                 | allowed                 |
 | a forged pass                            | see _sandbox_child.py   | same                    |
+
+Neither mode is a hardened sandbox: a program can read whatever its user may read (and print it
+into RunResult.stdout), and there is no seccomp filter or cgroup; in guard mode, run it only on a
+machine you would let the model's code touch.
 
 A program passes only if it exits with status 0 *and* the child wrote to the FIFO `done` in the job
 directory after the program returned (see _sandbox_child.py for why a program cannot write it itself,
@@ -99,7 +104,8 @@ def scrubbed_env(work_dir):
 # the mount (leaving the environment as it was), and runs the child as its own child rather than
 # exec'ing it (see the module docstring).
 # A child killed by signal N makes it exit with 128 + N, which run_program turns back into -N.
-INIT = 'options=$1; shift; mount -c -t tmpfs -o "$options" t2-sandbox . && cd ../work && unset PWD OLDPWD && "$@"; exit $?'
+INIT = ('options=$1; shift; mount -c -t tmpfs -o "$options" t2-sandbox . && cd ../work && unset PWD OLDPWD'
+        ' && "$@"; exit $?')
 UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc",
            "--net", "--ipc", "--"]
 
@@ -229,4 +235,5 @@ def default_mode():
 def _warn_fallback(problem):
     warnings.warn(f"sandbox: generated code runs without operating-system isolation, under the in-process "
                   f"guard alone ({problem}). No network, process or disk isolation; see data/sandbox.py. "
-                  f"Set T2_SANDBOX=guard to choose this mode and silence this warning.", RuntimeWarning, stacklevel=3)
+                  f"Set T2_SANDBOX=guard to choose this mode and silence this warning.",
+                  RuntimeWarning, stacklevel=3)

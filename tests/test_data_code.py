@@ -77,7 +77,8 @@ def test_results_record_the_sandbox_mode_and_resume_files_without_it():
     solve = lambda batch: [f"```python\n{solutions[m[-1]['content']]}\n```" for m in batch]  # noqa: E731
     result = evaluate(task, examples, solve, progress=False, settings={"m": 1})
     assert result.correct == 2 and result.settings == {"m": 1, "sandbox": default_mode()}
-    saved_before_the_mode_was_recorded = Result(task.name, "custom", task.prompt, result.records[:1], settings={"m": 1})
+    saved_before_the_mode_was_recorded = Result(task.name, "custom", task.prompt, result.records[:1],
+                                                settings={"m": 1})
     resumed = evaluate(task, examples, solve, progress=False, settings={"m": 1},
                        previous=saved_before_the_mode_was_recorded)
     assert resumed.correct == 2 and resumed.settings["sandbox"] == default_mode()

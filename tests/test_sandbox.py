@@ -291,7 +291,8 @@ os._exit(0)
 """ + TESTS,
     "write ../done": "open('../done', 'w').write('done')\nimport os\nos._exit(0)" + TESTS,
     "../done read-write": "import os\nos.write(os.open('../done', os.O_RDWR), b'done')\nos._exit(0)" + TESTS,
-    "../done by its absolute path": "import os\nopen(os.path.abspath('../done'), 'w').write('done')\nos._exit(0)" + TESTS,
+    "../done by its absolute path": "import os\nopen(os.path.abspath('../done'), 'w').write('done')\n"
+                                    "os._exit(0)" + TESTS,
     "../done through a symlink": "import os\nos.symlink(os.path.abspath('../done'), 'd')\n"
                                  "open('d', 'w').write('done')\nos._exit(0)" + TESTS,
     "../done through /proc": "open('/proc/self/cwd/../done', 'w').write('done')\nimport os\nos._exit(0)" + TESTS,
