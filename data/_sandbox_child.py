@@ -75,7 +75,9 @@ FORBIDDEN = frozenset([
     "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "socket.connect", "socket.bind",
     "socket.sendto", "socket.sendmsg", "os.chdir", "sys.settrace", "sys.setprofile",
     "sys.monitoring.register_callback", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit"])
+    "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit",
+    # a second hook, or another thread's frames, would run or look at code while this hook runs
+    "sys.addaudithook", "sys._current_frames"])
 # Events that change the paths in their first N arguments: these must lie inside the working directory.
 PATH_ARGS = {"os.remove": 1, "os.rmdir": 1, "os.truncate": 1, "os.chmod": 1, "os.chown": 1, "os.utime": 1,
              "os.setxattr": 1, "os.removexattr": 1, "os.mkdir": 1, "shutil.rmtree": 1,
@@ -85,13 +87,15 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def install_audit_hook(work_dir, max_files, main_frame, done_line):
-    """Installs the audit hook. Everything it uses is bound here, as local names of this call: the
-    program may replace module attributes and builtins (os.lstat, isinstance, PermissionError...),
-    which changes nothing here. `main_frame` and `done_line` say where `../done` may be opened."""
+    """Installs the audit hook. Everything it uses is bound here, as local names of this call, and
+    the tables are copied: the program may replace module attributes and builtins (os.lstat, type,
+    PermissionError...) and change this module's tables, which changes nothing here. `main_frame`
+    and `done_line` say where `../done` may be opened."""
     getcwd, lstat, stat_, readlink, getframe = os.getcwd, os.lstat, os.stat, os.readlink, sys._getframe
-    is_link, is_dir, str_, bytes_, int_, type_, next_, oserror = (
-        stat.S_ISLNK, stat.S_ISDIR, str, bytes, int, type, next, OSError)
-    forbidden, path_args, creates, write_flags, o_creat = FORBIDDEN, PATH_ARGS, CREATES, WRITE_FLAGS, os.O_CREAT
+    is_link, is_dir, str_, bytes_, int_, type_, next_, oserror, denied = (
+        stat.S_ISLNK, stat.S_ISDIR, str, bytes, int, type, next, OSError, PermissionError)
+    forbidden, path_args, creates = frozenset(FORBIDDEN), dict(PATH_ARGS), tuple(CREATES)
+    write_flags, o_creat = WRITE_FLAGS, os.O_CREAT
     new_files = itertools.count(1)                               # can be advanced, never reset
 
     def realpath(path):
@@ -116,7 +120,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line):
                 continue
             links += 1
             if links > 40:
-                raise PermissionError("sandbox: too many levels of symbolic links")
+                raise denied("sandbox: too many levels of symbolic links")
             target = readlink(where)
             parts = [] if target.startswith("/") else parts
             todo += target.split("/")[::-1]
@@ -129,7 +133,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line):
         elif kind is not str_:
             # os and io pass the path already converted; a path object here (shutil's events) is
             # refused rather than converted again: its __fspath__ is the program's code.
-            raise PermissionError("sandbox: paths must be str or bytes here")
+            raise denied("sandbox: paths must be str or bytes here")
         return realpath(path)
 
     def exists(where):
@@ -141,14 +145,14 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line):
 
     def new_file():
         if next_(new_files) > max_files:
-            raise PermissionError(f"sandbox: a program may create at most {max_files} files")
+            raise denied(f"sandbox: a program may create at most {max_files} files")
 
     work = realpath(work_dir) + "/"
     done = realpath(DONE)
 
     def hook(event, args):
         if event in forbidden or event.startswith("ctypes."):
-            raise PermissionError(f"sandbox: {event} is not allowed")
+            raise denied(f"sandbox: {event} is not allowed")
         if event == "open":
             path, _, flags = args                                # flags say what the mode means
             if type_(path) is int_:
@@ -156,35 +160,35 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line):
             where = resolve(path)
             if where == done:
                 if getframe(1) is not main_frame or main_frame.f_lineno != done_line:
-                    raise PermissionError("sandbox: ../done is the sandbox's completion signal")
+                    raise denied("sandbox: ../done is the sandbox's completion signal")
                 return
             if where == "/proc" or where.startswith("/proc/"):
-                raise PermissionError("sandbox: /proc is not readable (the harness's environment and memory)")
+                raise denied("sandbox: /proc is not readable (the harness's environment and memory)")
             try:
                 directory = is_dir(stat_(where).st_mode)
             except oserror:
                 directory = False
             if directory:
                 # its descriptor could serve as dir_fd, and the paths relative to it are not in the event
-                raise PermissionError(f"sandbox: opening a directory ({where}) is not allowed")
+                raise denied(f"sandbox: opening a directory ({where}) is not allowed")
             flags = flags if type_(flags) is int_ else 0
             if flags & write_flags:
                 if not where.startswith(work):
-                    raise PermissionError(f"sandbox: writing {where} outside the working directory")
+                    raise denied(f"sandbox: writing {where} outside the working directory")
                 if flags & o_creat and not exists(where):
                     new_file()
         elif event in path_args:
             for path in args[:path_args[event]]:
                 if type_(path) is int_:
-                    raise PermissionError(f"sandbox: {event} on a file descriptor is not allowed")
+                    raise denied(f"sandbox: {event} on a file descriptor is not allowed")
                 if not resolve(path).startswith(work):
-                    raise PermissionError(f"sandbox: {event} outside the working directory")
+                    raise denied(f"sandbox: {event} outside the working directory")
             if event in creates:
                 new_file()
         elif event in ("os.listdir", "os.scandir") and args[0] is not None and type_(args[0]) is not int_:
             where = resolve(args[0])
             if where == "/proc" or where.startswith("/proc/"):
-                raise PermissionError("sandbox: /proc is not readable")
+                raise denied("sandbox: /proc is not readable")
     sys.addaudithook(hook)
 
 

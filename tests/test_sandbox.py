@@ -99,6 +99,8 @@ DELETERS = {
                                       "os.open('canary.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d)",
     "new file next to it": "open({dir!r} + '/intruder', 'w').write('x')",
     "from a second interpreter": SECOND_INTERPRETER.replace("{code!r}", "{write!r}"),
+    "clear the hook's tables, then a hard link": "import __main__, os\n__main__.PATH_ARGS.clear()\n"
+                                                 "os.link({path!r}, 'x')\nopen('x', 'w').write('gone')",
 }
 
 
@@ -323,6 +325,22 @@ print("the tests were jumped over")
 def test_a_forged_pass_fails(name, mode):
     result = run_program(FORGERS[name], FAST, mode=mode)
     assert not result.passed, result
+
+
+def test_a_callback_in_the_frame_of_main_on_another_line_is_refused():
+    """A weakref callback runs in whatever frame is current: here main()'s, on its `return 1`
+    line, when the exception that holds the token dies. The hook looks at the line, not only the frame."""
+    program = """import builtins, functools, io, weakref
+class Token:
+    pass
+def fail():
+    token = Token()
+    builtins.keep = weakref.ref(token, functools.partial(io.FileIO, "../done", "w", True))
+    raise Exception(token)
+fail()
+"""
+    result = run_program(program, FAST, mode="guard")
+    assert not result.passed and "../done is the sandbox's completion signal" in result.stderr, result
 
 
 def test_without_the_guard_the_forgers_would_pass():
