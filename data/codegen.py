@@ -8,7 +8,7 @@ to it, run to completion in the sandbox (see sandbox.py).
 import ast
 import re
 
-from .sandbox import Limits, run_many
+from .sandbox import Limits, default_mode, run_many
 from .task import Task, prefill
 
 CODE_SYSTEM = ("You are an exceptionally intelligent coding assistant that  consistently delivers "   # sic
@@ -81,6 +81,9 @@ class CodeTask(Task):
         for i, result in zip(todo, results):
             passed[i] = result.passed
         return passed
+
+    def scoring_settings(self):
+        return {"sandbox": default_mode()}
 
     def program(self, example, code):
         raise NotImplementedError

@@ -99,10 +99,12 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True,
 
     previous: a Result of an interrupted run of the same task, split, prompt and settings; its items
     are not run again and its records and wall time carry over. out: save the Result there after
-    every batch. settings: recorded in the Result (and compared with previous.settings)."""
+    every batch. settings: recorded in the Result (and compared with previous.settings), with the
+    task's scoring_settings() added (recorded, not compared: see RECORDED_ONLY)."""
     examples = task.load(split) if isinstance(split, str) else list(split)
     examples = examples[:limit] if limit is not None else examples
-    result = Result(task.name, split if isinstance(split, str) else "custom", task.prompt, settings=settings or {})
+    settings = {**(settings or {}), **task.scoring_settings()}
+    result = Result(task.name, split if isinstance(split, str) else "custom", task.prompt, settings=settings)
     if previous is not None:
         check_same_run(previous, result)
         ids = {ex.id for ex in examples}
@@ -132,12 +134,22 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True,
     return result
 
 
+# Settings that are recorded but need not match to resume. The sandbox mode changes what a hostile
+# program can do to the machine, not which honest programs pass (the canonical solutions pass in both
+# modes); refusing to resume a run on a machine without namespaces, or a file saved before the mode
+# was recorded, would protect nothing. A resumed result records the mode of the run that finished it.
+RECORDED_ONLY = ("sandbox",)
+
+
 def check_same_run(previous, result):
     """Refuses to continue `previous` into `result` when they were not made the same way."""
+    compared = lambda settings: {k: v for k, v in settings.items() if k not in RECORDED_ONLY}  # noqa: E731
     for key in ("task", "split", "prompt", "settings"):
-        if getattr(previous, key) != getattr(result, key):
-            raise ValueError(f"cannot resume: the saved result has {key} {getattr(previous, key)!r}, "
-                             f"this run has {getattr(result, key)!r}")
+        old, new = getattr(previous, key), getattr(result, key)
+        if key == "settings":
+            old, new = compared(old), compared(new)
+        if old != new:
+            raise ValueError(f"cannot resume: the saved result has {key} {old!r}, this run has {new!r}")
 
 
 def wilson_interval(k, n, z=Z95):

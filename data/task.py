@@ -137,3 +137,7 @@ class Task:
     def score_many(self, examples, outputs):
         """Scores a batch; code tasks override this to run the programs in parallel."""
         return [self.score(ex, out) for ex, out in zip(examples, outputs, strict=True)]
+
+    def scoring_settings(self):
+        """How this task's scores were checked, recorded in evaluation results (code tasks: the sandbox mode)."""
+        return {}

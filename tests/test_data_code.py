@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from data import evaluate, get_task
+from data import Result, evaluate, get_task
 from data.codegen import extract_code
+from data.sandbox import default_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("T2_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -92,3 +93,18 @@ def test_evaluate_a_code_task():
     result = evaluate(task, "test", lambda batch: [f"```python\n{gold[m[-1]['content']]}\n```" for m in batch],
                       limit=6, batch_size=3, progress=False)
     assert result.accuracy == 1.0 and all(r.extracted for r in result.records)
+
+
+@needs_data
+def test_results_record_the_sandbox_mode_and_resume_files_without_it():
+    task = get_task("mbpp", data_dir=DATA)
+    examples = task.load("validation")[:2]
+    solutions = {ex.messages[-1]["content"]: ex.answer for ex in examples}
+    solve = lambda batch: [f"```python\n{solutions[m[-1]['content']]}\n```" for m in batch]  # noqa: E731
+    result = evaluate(task, examples, solve, progress=False, settings={"m": 1})
+    assert result.correct == 2 and result.settings == {"m": 1, "sandbox": default_mode()}
+    saved_before_the_mode_was_recorded = Result(task.name, "custom", task.prompt, result.records[:1],
+                                                settings={"m": 1})
+    resumed = evaluate(task, examples, solve, progress=False, settings={"m": 1},
+                       previous=saved_before_the_mode_was_recorded)
+    assert resumed.correct == 2 and resumed.settings["sandbox"] == default_mode()
