@@ -265,7 +265,7 @@ def main(argv=None):
     ap.add_argument("--fewshot", default=None, help="cem.py's mix (default: experts/fewshot-<task>.safetensors)")
     ap.add_argument("--exclude-shots", default=None, help="leave out the shots of this cem.py mix")
     ap.add_argument("--classify-only", action="store_true", help="run pass 1 only: routing accuracy")
-    ap.add_argument("--out", default=None, help="write records, choices and timings to this JSON file")
+    ap.add_argument("--out", default=None, help="write records, choices, the routing and timings to this JSON file")
     ap.add_argument("--compare", default=None,
                     help="a result saved by --out (or evaluate_model.py --out) to compare with, item by item")
     args = ap.parse_args(argv)
@@ -322,10 +322,14 @@ def main(argv=None):
     if result is not None and args.compare:
         diff, lo, hi, n = paired_difference_with(args.compare, result)
         say(f"vs {args.compare}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items")
-    if result is not None and args.out:  # the Result's fields, and the choice and timings of each item
-        saved = dict(task=task.name, split=args.split, prompt=task.prompt, strategy=args.strategy,
-                     accuracy=result.accuracy, ci95=result.ci95(), n=result.n, timing=adapter.timing,
-                     records=[dict(asdict(r), choice=c) for r, c in zip(result.records, choices)])
+    if args.out:  # the Result's fields (pass 2), the routing, and the choice and timings of each item
+        saved = dict(task=task.name, split=args.split, prompt=task.prompt, strategy=args.strategy, timing=adapter.timing,
+                     confusion=[dict(true=t, chosen=c, n=n) for (t, c), n in sorted(confusion.items())])
+        if result is not None:
+            saved.update(accuracy=result.accuracy, ci95=result.ci95(), n=result.n,
+                         records=[dict(asdict(r), choice=c) for r, c in zip(result.records, choices)])
+        else:
+            saved.update(n=len(examples), choices=[dict(id=ex.id, choice=c) for ex, c in zip(examples, choices)])
         with open(args.out + ".tmp", "w") as f:
             json.dump(saved, f, indent=1, default=str)
         os.replace(args.out + ".tmp", args.out)

@@ -266,3 +266,18 @@ def test_cli_leaves_out_the_shots_and_compares_item_by_item(setup, tmp_path, mon
     with pytest.raises(SystemExit):
         adapt.main(["--strategy", "fewshot", "--task", "mixed", "--fewshot", other])
     assert "was searched with --prompt letter, and this run uses --prompt plain" in capsys.readouterr().err
+
+
+def test_classify_only_writes_the_routing_to_out(setup, tmp_path, monkeypatch):
+    model, tok, path, paths = setup
+    monkeypatch.setenv("T2_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(adapt, "load", lambda args: (model, tok, path))
+    monkeypatch.setattr(adapt, "get_task", lambda name, prompt=None, data_dir=None: TwoCategoryTask())
+    monkeypatch.setattr(adapt.Adapter, "classify_with_model", lambda self, problems: stub_classify(problems))
+    out = tmp_path / "routing.json"
+    adapt.main(["--strategy", "prompt", "--task", "mixed", "--classify-only", "--out", str(out)])
+    saved = json.load(open(out))
+    assert saved["strategy"] == "prompt" and saved["n"] == 6 and "records" not in saved
+    assert {(c["true"], c["chosen"]): c["n"] for c in saved["confusion"]} == {
+        ("other", "math"): 3, ("other", "code"): 2, ("other", "other"): 1}   # the task's category is "other"
+    assert [c["choice"] for c in saved["choices"]] == ["math", "code", "math", "math", "other", "code"]
