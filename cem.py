@@ -13,7 +13,10 @@ rows, one search per task (then see adapt.py's docstring for the evaluation):
 
 Each search scores population x generations mixes (32 x 50 by default) on the shots: a recomposition
 of W' and a greedy generation for the shots per mix, about 10 s on a 2-core CPU for the default model
-and 10 ARC shots, so hours in all; `--generations` trades time for search.
+and 10 ARC shots, so hours in all; `--generations` trades time for search, and the search prints
+what a member and a generation cost. It keeps its state and every member's alpha, fitness and shot
+outputs in --run-dir (runs/cem-<task>), so `--resume` continues an interrupted search, or extends a
+finished one with a larger --generations.
 
 `cem()` is the method written generically: sample a population from N(mean, std^2), clip it to the
 bounds, score every member, refit mean and std to the best `elite_ratio` of them. Fitness may be a
@@ -85,7 +88,7 @@ def _fmt(key):
 
 
 def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_mean=0.0, init_std=0.5,
-        bounds=None, seed=0, log=say):
+        bounds=None, seed=0, log=say, state=None, on_generation=None):
     """Maximises fitness_fn(x), x a (dim,) float tensor, by the cross-entropy method.
 
     fitness_fn returns a number or a tuple (compared lexicographically: (accuracy, tie-break)).
@@ -97,15 +100,25 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
     shots on which one lucky alpha can score high once. A remembered score would keep such a lucky
     member forever; re-evaluated, it has to earn its place in each generation. Ties are won by the
     lower index, so the incumbent keeps its place against an equally good newcomer.
+
+    Resumable: `on_generation(state)` is called after each generation with everything the search
+    needs to go on (generation, mean, std, best, its fitness, the random state, the history), and
+    `state` (such a dict) continues from there, up to `generations` in all: so a search can be
+    interrupted, or extended with more generations, and ends where an uninterrupted one would.
     """
     g = torch.Generator().manual_seed(seed)
     low, high = bounds if bounds is not None else (-math.inf, math.inf)
     low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
-    mean = torch.clamp(torch.zeros(dim) + init_mean, low, high)  # (dim,)
-    std = torch.zeros(dim) + init_std  # (dim,)
     n_elite = min(max(2, int(elite_ratio * population)), population)  # one elite has std 0: the search would stop
-    best, history = mean.clone(), []
-    for gen in range(1, generations + 1):
+    if state is None:
+        mean = torch.clamp(torch.zeros(dim) + init_mean, low, high)  # (dim,)
+        std = torch.zeros(dim) + init_std  # (dim,)
+        best, best_key, history, start = mean.clone(), None, [], 1
+    else:
+        mean, std, best, best_key = state["mean"], state["std"], state["best"], tuple(state["fitness"])
+        history, start = list(state["history"]), state["generation"] + 1
+        g.set_state(state["rng"])
+    for gen in range(start, generations + 1):
         t0 = time.perf_counter()
         pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g), low, high)  # (P, dim)
         pop[0] = best
@@ -113,16 +126,19 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
         order = sorted(range(population), key=lambda i: keys[i], reverse=True)  # stable: ties keep index order
         elites = pop[order[:n_elite]]  # (n_elite, dim)
         mean, std = elites.mean(0), elites.std(0, correction=1 if n_elite > 1 else 0)
-        best = pop[order[0]].clone()
+        best, best_key = pop[order[0]].clone(), keys[order[0]]
         finite = [k[0] for k in keys if math.isfinite(k[0])]
-        row = dict(generation=gen, best=list(keys[order[0]]), best_x=best.tolist(),
+        row = dict(generation=gen, best=list(best_key), best_x=best.tolist(),
                    population_mean=sum(finite) / max(len(finite), 1), std=std.mean().item(),
                    seconds=time.perf_counter() - t0)
         history.append(row)
         x = f" at {[round(v, 3) for v in row['best_x']]}" if dim <= 8 else ""
-        log(f"cem {gen:3d}/{generations} | best {_fmt(keys[order[0]])}{x} | population mean "
+        log(f"cem {gen:3d}/{generations} | best {_fmt(best_key)}{x} | population mean "
             f"{row['population_mean']:.4f} | mean std {row['std']:.4f} | {row['seconds']:.1f}s")
-    return CEMResult(best, keys[order[0]], mean, std, history)
+        if on_generation is not None:
+            on_generation(dict(generation=gen, mean=mean, std=std, best=best, fitness=list(best_key),
+                               rng=g.get_state(), history=history))
+    return CEMResult(best, best_key, mean, std, history)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -199,6 +215,7 @@ class ShotFitness:
 
     def __init__(self, wrapper, experts, task, shots, completer):
         self.wrapper, self.experts, self.task, self.shots, self.completer = wrapper, experts, task, shots, completer
+        self.evaluated = []  # (alpha, fitness, outputs of the shots) of each call since it was last emptied
         tok = completer.tok
         self.prompts = [completer.encode(ex.messages) for ex in shots]
         gold = [task.reference_completion(ex) for ex in shots]
@@ -211,6 +228,7 @@ class ShotFitness:
         # Scales <= 0 (alpha all zero for a matrix, or negative alpha) give no usable W': sum(sigma * z)
         # is 0 or the matrix flips; such members are never elites.
         if any(bool((v <= 0).any()) for v in z.values()):
+            self.evaluated.append((x.tolist(), (-math.inf, -math.inf), None))
             return (-math.inf, -math.inf)
         with torch.no_grad():
             weights = self.wrapper.weights(z)
@@ -227,7 +245,9 @@ class ShotFitness:
                 logp, mask = token_logprobs(self.wrapper.model, [p for p, _ in items], [c for _, c in items],
                                             self.completer.tok.pad_id)
                 loglik = (logp.sum(1) / mask.sum(1)).mean().item()  # per-token mean, then over items
-        return (sum(correct) / len(correct), loglik)
+        fitness = (sum(correct) / len(correct), loglik)
+        self.evaluated.append((x.tolist(), fitness, [self.completer.tok.decode(o) for o in outputs]))
+        return fitness
 
 
 @dataclass
@@ -248,8 +268,12 @@ class FewShotConfig:
     seed: int = 0
 
 
-def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, **svf_kwargs):
-    """Runs the alpha search of cfg for `task` and writes the mix to `out`; returns the CEMResult."""
+def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir=None, resume=False, **svf_kwargs):
+    """Runs the alpha search of cfg for `task` and writes the mix to `out`; returns the CEMResult.
+
+    With `run_dir`, the search state is written there after every generation (state.pt), and every
+    member evaluated, with its alpha, fitness and the outputs of the shots, to members.jsonl;
+    `resume` continues that search, to cfg.generations in all (more than before extends it)."""
     shots, _ = split_shots(task.load(cfg.shot_split), cfg.shots, seed=cfg.shot_seed)
     wrapper, experts = load_experts(model, model_dir, expert_paths, log=log, **svf_kwargs)
     completer = Completer(model, tok, cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
@@ -258,16 +282,46 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, **svf_k
     K, n = len(experts), len(wrapper.names) if cfg.per_matrix else 1
     log(f"few-shot search: {K} experts, {K * n} coefficients, {len(shots)} shots from {task.name}/{cfg.shot_split}, "
         f"{cfg.population} x {cfg.generations} evaluations")
+    state, save = None, None
+    if run_dir:
+        state_path, members_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "members.jsonl")
+        digests = [expert_digest(e) for e in experts]
+        if resume:
+            if not os.path.exists(state_path):
+                raise SystemExit(f"--resume: no search state at {state_path}; start without --resume")
+            state = torch.load(state_path, weights_only=False)
+            same = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generations"}
+            if {k: v for k, v in state["config"].items() if k != "generations"} != same or state["experts"] != digests:
+                raise SystemExit(f"--resume: {run_dir} holds a search with other settings or experts "
+                                 f"({state['config']}); only --generations may change")
+            log(f"resuming the search in {run_dir} after generation {state['generation']}")
+        elif os.path.exists(state_path):
+            raise SystemExit(f"{state_path} exists: pass --resume to continue that search, or choose another --run-dir")
+        os.makedirs(run_dir, exist_ok=True)
+
+        def save(s):  # after each generation: the members it evaluated, then the state to go on from
+            with open(members_path, "a") as f:
+                for i, (alpha, fit, outputs) in enumerate(fitness.evaluated):
+                    f.write(json.dumps(dict(generation=s["generation"], member=i, alpha=alpha, fitness=list(fit),
+                                            outputs=outputs)) + "\n")
+            fitness.evaluated.clear()
+            torch.save(dict(s, config=dataclasses.asdict(cfg), experts=digests), state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
     t0 = time.perf_counter()
     result = cem(fitness, K * n, cfg.population, cfg.elite_ratio, cfg.generations, 1.0 / K, cfg.init_std,
-                 cfg.bounds, cfg.seed, log)
+                 cfg.bounds, cfg.seed, log, state=state, on_generation=save)
     alpha = result.best.reshape(K, n)[:, 0] if n == 1 else result.best.reshape(K, n)  # (K,) or (K, n)
+    seconds = sum(row["seconds"] for row in result.history)
     save_mix(wrapper, out, experts, alpha, task=task.name, prompt=task.prompt, fitness=list(result.fitness),
              shots=dict(split=cfg.shot_split, seed=cfg.shot_seed, ids=[ex.id for ex in shots]),
-             config=dataclasses.asdict(cfg), wall_s=time.perf_counter() - t0, history=result.history)
+             config=dataclasses.asdict(cfg), wall_s=seconds, history=result.history)
     shown = alpha.mean(-1) if n > 1 else alpha  # (K,): per expert, averaged over matrices with --per-matrix
+    members = cfg.population * len(result.history)
     log(f"alpha {[round(a, 4) for a in shown.tolist()]}{' (mean over matrices)' if n > 1 else ''}; "
         f"on the shots: accuracy/log-likelihood {_fmt(result.fitness)}; wrote {out}")
+    log(f"cost: {seconds:.0f}s for {members} members ({seconds / max(members, 1):.2f}s a member, "
+        f"{seconds / max(len(result.history), 1):.1f}s a generation, {len(shots)} shots each); "
+        f"this run {time.perf_counter() - t0:.0f}s")
     return result
 
 
@@ -292,6 +346,10 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="0: per task")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--out", default=None, help="output expert file (default: experts/fewshot-<task>.safetensors)")
+    ap.add_argument("--run-dir", default=None,
+                    help="the search state and every member's outputs (default: runs/cem-<task>[-per-matrix])")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the search in --run-dir (a larger --generations extends it)")
     args = ap.parse_args(argv)
     missing = [p for p in args.experts if not os.path.exists(p)]
     if missing:
@@ -307,7 +365,8 @@ def main(argv=None):
     task.load(cfg.shot_split)  # fail on missing data before loading the model
     model, tok, model_dir = load(args)
     out = args.out or os.path.join("experts", f"fewshot-{task.name}.safetensors")
-    return search(cfg, model, tok, model_dir, task, args.experts, out)
+    run_dir = args.run_dir or os.path.join("runs", f"cem-{task.name}{'-per-matrix' if cfg.per_matrix else ''}")
+    return search(cfg, model, tok, model_dir, task, args.experts, out, run_dir=run_dir, resume=args.resume)
 
 
 if __name__ == "__main__":

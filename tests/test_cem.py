@@ -1,5 +1,7 @@
 """CEM on synthetic functions, and the few-shot alpha search on a tiny random model with a synthetic task."""
 
+import dataclasses
+import json
 import math
 import os
 import random
@@ -197,6 +199,40 @@ def test_search_writes_a_loadable_mix(setup, tmp_path):
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
         z, info = cem.mix_from_file(wrapper, out)  # from alpha and the components: exact
         assert all(torch.equal(z[n], v) for n, v in wrapper.mix(experts, alpha).items())
+
+
+def test_an_interrupted_or_extended_search_ends_where_an_uninterrupted_one_does():
+    target = torch.tensor([0.3, -0.2, 0.8])
+    f = lambda x: -float(((x - target) ** 2).sum())  # noqa: E731
+    full = cem.cem(f, 3, population=8, generations=6, seed=3, log=quiet)
+    states = []
+    cem.cem(f, 3, population=8, generations=3, seed=3, log=quiet, on_generation=states.append)
+    assert [s["generation"] for s in states] == [1, 2, 3]
+    extended = cem.cem(f, 3, population=8, generations=6, seed=3, log=quiet, state=states[-1])
+    assert torch.equal(extended.best, full.best) and extended.fitness == full.fitness
+    assert [r["generation"] for r in extended.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_search_keeps_every_members_outputs_and_resumes(setup, tmp_path):
+    model, tok, path, wrapper, paths = setup
+    task = LowByteTask()
+    cfg = cem.FewShotConfig(task="lowbyte", shots=4, population=4, generations=2, max_new_tokens=1)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    run = lambda out, run_dir, resume=False, **kw: cem.search(  # noqa: E731
+        dataclasses.replace(cfg, **kw), model, tok, path, task, paths, out, log=quiet, run_dir=run_dir,
+        resume=resume, use_cache=False)
+    full = run(a, str(tmp_path / "full"), generations=3)
+    run(b, str(tmp_path / "part"))                                  # 2 generations, then extended to 3
+    resumed = run(b, str(tmp_path / "part"), resume=True, generations=3)
+    assert torch.equal(resumed.best, full.best) and resumed.fitness == full.fitness
+    rows = [json.loads(line) for line in open(tmp_path / "part" / "members.jsonl")]
+    assert [(r["generation"], r["member"]) for r in rows] == [(g, m) for g in (1, 2, 3) for m in range(4)]
+    assert all(len(r["outputs"]) == 4 and len(r["alpha"]) == 3 for r in rows)   # the 4 shots' outputs
+    assert svf.file_info(b)["alpha"] == svf.file_info(a)["alpha"]
+    with pytest.raises(SystemExit, match="only --generations may change"):
+        run(b, str(tmp_path / "part"), resume=True, population=5)
+    with pytest.raises(SystemExit, match="pass --resume"):
+        run(b, str(tmp_path / "part"))
 
 
 def test_a_mix_refuses_changed_components_and_negative_scales(setup, tmp_path):
