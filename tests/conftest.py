@@ -17,6 +17,8 @@ from model import ModelConfig, Transformer  # noqa: E402
 _shared = os.path.join(os.path.dirname(ROOT), "shared", "data")
 if "T2_DATA_DIR" not in os.environ and os.path.isdir(_shared):
     os.environ["T2_DATA_DIR"] = _shared
+# No test fetches missing data from the internet (data/paths.py would); test_download.py serves its own.
+os.environ["T2_OFFLINE"] = "1"
 
 TINY = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=97, hidden_size=48,
