@@ -10,6 +10,8 @@ or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-t
 
 Each task's defaults are the recipe of its shipped expert (RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
+A run that is not a shipped expert's recipe (a two-step try, `--steps 2`) writes its expert to
+runs/<run dir>.safetensors instead, unless `--out` says otherwise: it never replaces a file in experts/.
 
 The objective (paper, eq. 1), maximised over the expert's vectors z only (objectives.py writes out
 the loss of a batch, with the KL of whole answers; the log shows the KL per token):
@@ -386,7 +388,8 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=None, help=f"steps between validations (default: {d.eval_every})")
     ap.add_argument("--eval-limit", type=int, default=None, help=f"validation items used {recipe_default}")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors, arc for ARC-Easy)")
+    ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors, arc for ARC-Easy; "
+                    "runs/<run dir>.safetensors where the settings are not the recipe of an expert in experts/)")
     ap.add_argument("--run-dir", default=None, help="training state and logs (default: runs/<task>-<targets>, "
                     "runs/<task>-<method>-<objective>-<targets> for other methods or objectives)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -410,6 +413,10 @@ def main(argv=None):
     if cfg.shuffle_options and not hasattr(task, "shuffled"):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
     default_run_dir, default_out = default_names(cfg, task.name)
+    if args.out is None and os.path.exists(default_out) and cfg != recipe(task.name):
+        default_out = default_run_dir + ".safetensors"  # only the recipe itself replaces a shipped expert
+        print(f"these settings are not the recipe of {expert_path(task.name)}, which stays: "
+              f"the expert goes to {default_out} (--out to choose)")
     print(f"recipe {args.recipe} for {task.name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     train_set = task.load("train")  # fail on missing data before loading the model
     if cfg.objective == "nll":

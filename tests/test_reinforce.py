@@ -294,6 +294,25 @@ def test_each_task_defaults_to_its_recipe_and_flags_change_single_settings(monke
     assert seen["cfg"] == official and not official.baseline and official.temperature == 0  # the official code's
 
 
+def test_only_the_recipe_replaces_a_shipped_expert(monkeypatch, tmp_path):
+    """A two-step try (or any changed setting) writes its expert under runs/, never over experts/."""
+    seen = {}
+    monkeypatch.setattr(reinforce, "load", lambda args: (None, None, None))
+    monkeypatch.setattr(reinforce, "train", lambda cfg, model, tok, model_dir, task, run_dir, out, resume:
+                        seen.update(run_dir=run_dir, out=out))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experts").mkdir()
+    (tmp_path / "experts" / "arc.safetensors").write_bytes(b"shipped")
+    reinforce.main(["--task", "arc", "--steps", "2"])
+    assert seen == {"run_dir": "runs/arc_easy-mlp", "out": "runs/arc_easy-mlp.safetensors"}
+    reinforce.main(["--task", "arc"])  # the recipe: reproduces the shipped file
+    assert seen["out"] == "experts/arc.safetensors"
+    reinforce.main(["--task", "arc", "--steps", "2", "--out", "experts/arc.safetensors"])  # said explicitly
+    assert seen["out"] == "experts/arc.safetensors"
+    reinforce.main(["--task", "gsm8k", "--steps", "2"])  # no shipped expert to keep
+    assert seen["out"] == "experts/gsm8k.safetensors"
+
+
 EXPERTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experts")
 
 
