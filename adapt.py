@@ -2,10 +2,16 @@
 
 Pass 1 looks at the question and chooses z'; pass 2 answers with W' = U diag(sigma * z') Vh (svf.py).
 
+    python adapt.py --strategy cls --code-expert base --math-expert base \
+        --question "Which gas do plants take in from the air to make food?"
     python adapt.py --strategy prompt --question "Write a Python function that reverses a list."
     python adapt.py --strategy cls --task arc_challenge --split test --limit 100
     python adapt.py --strategy fewshot --task arc_challenge          # the mix cem.py wrote for the task
     python adapt.py --strategy cls --task cls --split validation --classify-only   # routing accuracy
+
+A strategy refuses to start while an expert it routes to is missing; until experts/gsm8k.safetensors
+and experts/mbpp.safetensors ship (issue 14), `--code-expert base --math-expert base` answers code
+and math with the base weights, as the first command does.
 
 Strategies (the expert of each category: --code-expert, --math-expert, --reasoning-expert):
 - prompt: the base model classifies the question with the classification prompt (data/cls.py) into
@@ -247,7 +253,7 @@ def shot_ids(path, task_name):
 
 def main(argv=None):
     d = AdaptConfig()
-    ap = argparse.ArgumentParser(description="Two-pass Transformer² inference (section 3.2) and its evaluation.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--strategy", choices=STRATEGIES, default=d.strategy, help="(default: %(default)s)")
     what = ap.add_mutually_exclusive_group(required=True)

@@ -327,7 +327,7 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
 
 def main(argv=None):
     d = FewShotConfig()
-    ap = argparse.ArgumentParser(description="Few-shot mixing of SVF experts by CEM (Transformer² section 3.2).")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--task", required=True, help="arc_challenge, humaneval, math500, ...")
     ap.add_argument("--prompt", default=d.prompt, help="prompt variant (default: the task's default)")

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint, optionally with an expert (SVF or LoRA), on any task and split.
 
     python evaluate_model.py --task arc_easy --split test
+    python evaluate_model.py --task gsm8k --split test --out runs/base-gsm8k.json   # a base row of Table 1
     python evaluate_model.py --task arc_easy --split test --expert experts/arc.safetensors
     python evaluate_model.py --task arc_easy --split test --expert runs/arc_easy-lora-nll-qv.safetensors   # a LoRA
     python evaluate_model.py --task gsm8k --split validation --limit 200 --prompt official
@@ -27,7 +28,7 @@ from data.evaluate import check_same_run, paired_difference_with
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Evaluate a checkpoint (and optionally an expert) on a task.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--task", required=True, help="arc_easy (arc), arc_challenge, gsm8k, mbpp, humaneval, math, math500, cls")
     ap.add_argument("--split", default="validation", choices=["train", "validation", "test"])

@@ -1,6 +1,6 @@
 """Trainable parameters of each fine-tuning approach a reader of Transformer-Squared meets, from config values.
 
-    python params.py                 # the table in the README; also `python svf.py --count`
+    python params.py                 # the table in RESULTS.md; also `python svf.py --count`
     python params.py --model DIR     # another checkpoint's column in place of the default model's
 
 The paper's Table 4 puts SVF's parameters next to LoRA's (Table 1's claim: "a tenth of the
@@ -104,7 +104,7 @@ def table(columns):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Trainable parameters of SVF, LoRA, LoRA-XS and SVD fine-tuning")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
     args = ap.parse_args(argv)
     import checkpoints  # imported here: counting never needs a checkpoint, only this column does

@@ -2,6 +2,7 @@
 or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-token prediction.
 
     python reinforce.py --task arc                 # trains experts/arc.safetensors by its recipe (RECIPES)
+    python reinforce.py --task arc --steps 2       # a two-step try: runs/arc_easy-mlp.safetensors
     python reinforce.py --task cls                 # the classification expert of adapt.py --strategy cls
     python reinforce.py --task arc --recipe official --steps 20     # the official code's settings
     python reinforce.py --task arc --kl 0.1 --run-dir runs/arc-kl0.1   # one setting changed
@@ -10,8 +11,9 @@ or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-t
 
 Each task's defaults are the recipe of its shipped expert (RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
-A run that is not a shipped expert's recipe (a two-step try, `--steps 2`) writes its expert to
-runs/<run dir>.safetensors instead, unless `--out` says otherwise: it never replaces a file in experts/.
+A run that is not a shipped expert's recipe (a two-step try, `--steps 2`) writes its expert next to
+its run directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
+replaces a file in experts/.
 
 The objective (paper, eq. 1), maximised over the expert's vectors z only (objectives.py writes out
 the loss of a batch, with the KL of whole answers; the log shows the KL per token):
@@ -114,7 +116,7 @@ RECIPES = {
     # the option likelihood with the question alone (benchmarks/probe_arc.py): options before the
     # question, answered with the option's text, put that knowledge closest to the surface; a
     # baseline keeps a mostly-wrong policy from drifting into unparsable text; shuffled options make
-    # a letter or position habit worthless. 40 steps: validation peaked by then (README).
+    # a letter or position habit worthless. 40 steps: validation peaked by then (RESULTS.md).
     "arc_easy": dict(prompt="first", max_new_tokens=32, baseline=True, shuffle_options=True, steps=40),
     # The few-shot prompt is the only one with which the base model names a category at all (42%
     # on validation); it then calls most MBPP problems "math", which 20 steps with a baseline fix.
@@ -354,8 +356,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 def main(argv=None):
     d = TrainConfig()
     recipe_default = "(default: the task's recipe, see RECIPES)"
-    ap = argparse.ArgumentParser(description="Train an SVF expert with REINFORCE (Transformer² section 3.1), "
-                                 "or a LoRA, or with next-token prediction (the paper's baselines).")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--task", default=d.task, help="arc (arc_easy), gsm8k, mbpp, cls, ... (default: %(default)s)")
     ap.add_argument("--recipe", default="shipped", choices=["shipped", "official"],
@@ -389,7 +390,7 @@ def main(argv=None):
     ap.add_argument("--eval-limit", type=int, default=None, help=f"validation items used {recipe_default}")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors, arc for ARC-Easy; "
-                    "runs/<run dir>.safetensors where the settings are not the recipe of an expert in experts/)")
+                    "<run dir>.safetensors where the settings are not the recipe of an expert in experts/)")
     ap.add_argument("--run-dir", default=None, help="training state and logs (default: runs/<task>-<targets>, "
                     "runs/<task>-<method>-<objective>-<targets> for other methods or objectives)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
@@ -414,7 +415,7 @@ def main(argv=None):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
     default_run_dir, default_out = default_names(cfg, task.name)
     if args.out is None and os.path.exists(default_out) and cfg != recipe(task.name):
-        default_out = default_run_dir + ".safetensors"  # only the recipe itself replaces a shipped expert
+        default_out = os.path.normpath(args.run_dir or default_run_dir) + ".safetensors"  # only the recipe replaces one
         print(f"these settings are not the recipe of {expert_path(task.name)}, which stays: "
               f"the expert goes to {default_out} (--out to choose)")
     print(f"recipe {args.recipe} for {task.name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))

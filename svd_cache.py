@@ -1,7 +1,7 @@
 """The SVD of a checkpoint's weights, computed once and cached on disk (used by svf.py).
 
 The SVD of SmolLM2-135M's 90 MLP matrices takes about 10 s on a CPU, and reading the cached factors
-about 0.1 s (README). So they are written to $T2_CACHE_DIR/svd/ once and memory-mapped after. A
+about 0.1 s (RESULTS.md). So they are written to $T2_CACHE_DIR/svd/ once and memory-mapped after. A
 cache file is named and checked by the checkpoint's identity, a digest of its contents
 (checkpoint_identity). Expert files record the same identity, so that svf.py can refuse an expert
 trained on another checkpoint.

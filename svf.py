@@ -321,7 +321,7 @@ def load_expert_for(model, model_dir, path, **svf_kwargs):
 
 def main(argv=None):
     """`python svf.py --count`: the parameter table of params.py, kept under its old name."""
-    ap = argparse.ArgumentParser(description="SVF parameter counts next to LoRA and others (see params.py)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", action="store_true", help="print the parameter counts (python params.py)")
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
     args = ap.parse_args(argv)

@@ -127,7 +127,7 @@ def bench_gpu(runs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the default model)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--gpu-runs", type=int, default=20)

@@ -46,7 +46,7 @@ def cpu_name():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="pass@k and the share of mixed groups of sampled rollouts.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--task", required=True)
     ap.add_argument("--prompt", default=None, help="the task's prompt variant (default: the task's default)")

@@ -78,7 +78,7 @@ def probe(model, tok, examples):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Read the model's ARC knowledge three ways (see the docstring).")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
     ap.add_argument("--task", default="arc_easy", choices=["arc_easy", "arc_challenge"])
     ap.add_argument("--split", default="validation", choices=["train", "validation", "test"])

@@ -62,7 +62,7 @@ def text_prompt(rec):
 def first_prompt(rec):
     """Options before the question, answered with the option's text. For SmolLM2-135M the likeliest
     option is right 33% of the time this way and 27% (chance) with the options after the question;
-    with the question alone, 47% (benchmarks/probe_arc.py, README)."""
+    with the question alone, 47% (benchmarks/probe_arc.py, RESULTS.md)."""
     lines = ["Options:"] + [f"- {text}" for text in rec["options"]] + ["", f"Question: {rec['question']}"]
     return [system(TEXT_SYSTEM), user("\n".join(lines))]
 
@@ -131,7 +131,7 @@ def extract_choice(text, options, letters=True, reasoning=False):
 
     Strict, because a reward is a scorer and RL finds its loopholes: an output that names two
     different options is unparsable wherever it names them. (An earlier rule read the first line
-    only, and REINFORCE learned to list every option, one per line, best guess first: README.)
+    only, and REINFORCE learned to list every option, one per line, best guess first: RESULTS.md.)
     `reasoning`: the prompt asks for a chain of thought before the answer (`official`), so the
     text before the first answer statement ("the answer is", "Answer:", \\boxed{}) may weigh
     options; from the first statement to the end the same rule holds. Without a statement the
@@ -153,7 +153,7 @@ class ArcTask(Task):
     subset = "ARC-Easy"
     prompts = {"official": official_prompt, "letter": letter_prompt, "restate": restate_prompt,
                "text": text_prompt, "first": first_prompt}
-    default_prompt = "letter"   # best measured validation accuracy of generated answers (README)
+    default_prompt = "letter"   # best measured validation accuracy of generated answers (RESULTS.md)
 
     def records(self, split):
         if self.subset == "ARC-Easy" and split in ("train", "validation"):

@@ -87,7 +87,7 @@ class ClsTask(Task):
     name = "cls"
     splits = ("train", "validation")
     prompts = {"official": official_prompt, "oneword": oneword_prompt, "fewshot": fewshot_prompt}
-    default_prompt = "fewshot"   # measured on validation: 42% against 2-3% for oneword and a prefill (README)
+    default_prompt = "fewshot"   # measured on validation: 42% against 2-3% for oneword and a prefill (RESULTS.md)
 
     def records(self, split):
         rng = random.Random(SEED)

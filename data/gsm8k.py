@@ -98,7 +98,7 @@ def cot_prompt(rec):
 class Gsm8kTask(Task):
     name = "gsm8k"
     prompts = {"official": official_prompt, "cot": cot_prompt}
-    default_prompt = "official"   # validation: 1% vs 0% for cot (within noise), and it always parses (README)
+    default_prompt = "official"   # validation: 1% vs 0% for cot (within noise), and it always parses (RESULTS.md)
 
     def records(self, split):
         file = "train" if split in ("train", "validation") else "test"

@@ -305,6 +305,8 @@ def test_only_the_recipe_replaces_a_shipped_expert(monkeypatch, tmp_path):
     (tmp_path / "experts" / "arc.safetensors").write_bytes(b"shipped")
     reinforce.main(["--task", "arc", "--steps", "2"])
     assert seen == {"run_dir": "runs/arc_easy-mlp", "out": "runs/arc_easy-mlp.safetensors"}
+    reinforce.main(["--task", "arc", "--steps", "2", "--run-dir", "runs/try/"])
+    assert seen == {"run_dir": "runs/try/", "out": "runs/try.safetensors"}
     reinforce.main(["--task", "arc"])  # the recipe: reproduces the shipped file
     assert seen["out"] == "experts/arc.safetensors"
     reinforce.main(["--task", "arc", "--steps", "2", "--out", "experts/arc.safetensors"])  # said explicitly
