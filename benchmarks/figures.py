@@ -107,7 +107,7 @@ def draw_alphas(plt, rows, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Figures 4 and 5 of the paper from adapt.py and cem.py outputs.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routing", nargs="*", default=[], help="adapt.py --out files of --strategy prompt / cls")
     ap.add_argument("--mixes", nargs="*", default=[], help="few-shot mix files written by cem.py")
     ap.add_argument("--out", default="docs/figures", help="folder for routing.png and alpha.png")

@@ -53,8 +53,8 @@ def release_url(url):
     return mirror.rstrip("/") + urllib.parse.urlsplit(url).path if mirror else url
 
 
-def megabytes(n):
-    return f"{n / 1e6:.1f} MB"
+def size(n):
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
 @contextlib.contextmanager
@@ -73,11 +73,12 @@ def atomic_file(path):
         raise
 
 
-def download(url, path):
+def download(url, path, into=None):
     """Downloads `url` (or its mirror) to the file `path`, atomically, printing one progress line
-    on stderr (redrawn in place on a terminal, written once elsewhere)."""
+    on stderr (redrawn in place on a terminal, written once elsewhere) that names `into` (default:
+    the file's directory) as where the data goes."""
     url = release_url(url)
-    line = f"downloading {url} -> {os.path.dirname(path)}"
+    line = f"downloading {url} -> {into or os.path.dirname(path)}"
     progress = Progress(line)
     done = 0
     try:
@@ -86,13 +87,13 @@ def download(url, path):
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 done += len(chunk)
-                progress.update(f"{line}: {megabytes(done)}" + (f" of {megabytes(total)}" if total else ""))
+                progress.update(f"{line}: {size(done)}" + (f" of {size(total)}" if total else ""))
             if total and done != total:
                 raise OSError(f"{url}: the connection closed after {done} of {total} bytes")
     except BaseException:
-        progress.end(f"{line}: failed after {megabytes(done)}")
+        progress.end(f"{line}: failed after {size(done)}")
         raise
-    progress.end(f"{line}: {megabytes(done)}, done")
+    progress.end(f"{line}: {size(done)}, done")
     return path
 
 
@@ -138,7 +139,7 @@ def arc(root, subset):
     """AI2's {"question": {"stem", "choices": [{"text", "label"}]}} -> the Hugging Face layout."""
     folder = "arc_easy" if subset == "ARC-Easy" else "arc_challenge"
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
-        archive = zipfile.ZipFile(download(ARC_ZIP, os.path.join(tmp, "ARC.zip")))
+        archive = zipfile.ZipFile(download(ARC_ZIP, os.path.join(tmp, "ARC.zip"), os.path.join(root, folder)))
         files = {}
         for ai2_split, split in [("Train", "train"), ("Dev", "validation"), ("Test", "test")]:
             names = [n for n in archive.namelist() if n.endswith(f"{subset}/{subset}-{ai2_split}.jsonl")]
@@ -158,7 +159,7 @@ def arc(root, subset):
 
 def math_full(root):
     with tempfile.TemporaryDirectory(prefix=".download-", dir=root) as tmp:
-        with tarfile.open(download(MATH_TAR, os.path.join(tmp, "MATH.tar"))) as archive:
+        with tarfile.open(download(MATH_TAR, os.path.join(tmp, "MATH.tar"), os.path.join(root, "math"))) as archive:
             members = [m for m in archive.getmembers() if re.search(r"/test/[^/]+/\d+\.json$", m.name)]
             members.sort(key=lambda m: (m.name.split("/")[-2], int(m.name.split("/")[-1][:-5])))
             rows = [dict(json.load(archive.extractfile(m)), idx=i) for i, m in enumerate(members)]

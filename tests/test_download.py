@@ -113,6 +113,7 @@ def test_a_missing_dataset_is_fetched_on_first_use_and_only_that_one(mirror, tmp
     assert (data / "arc_easy" / "ARC-Easy-test.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "ARC-V1-Feb2018.zip" in lines[0] and lines[0].endswith("done")
+    assert f"-> {data / 'arc_easy'} " in lines[0]  # where the data goes, not the temporary download
     assert len(get_task("arc_easy", data_dir=str(data)).load("train")) == 2  # even/odd of 4; no new request
     assert len(server.requests) == 1
 
