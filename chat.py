@@ -19,7 +19,7 @@ from tokenizer import Tokenizer
 
 # Generation budget per task: enough for the prompt formats in data/ (a letter and the option's
 # text for ARC, a worked solution for math, a function for code) and not much more.
-MAX_NEW_TOKENS = {"arc_easy": 64, "arc_challenge": 64, "cls": 16, "gsm8k": 320, "math": 512,
+MAX_NEW_TOKENS = {"arc_easy": 32, "arc_challenge": 32, "cls": 16, "gsm8k": 320, "math": 512,
                   "math500": 512, "mbpp": 320, "humaneval": 384}
 
 

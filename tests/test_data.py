@@ -191,10 +191,10 @@ def test_cls_fewshot_prompt_shows_one_demonstration_per_label_before_the_questio
 @needs_data
 @pytest.mark.parametrize("name", ["arc_easy", "arc_challenge"])
 def test_arc_gold_scores_right_and_other_options_wrong(name):
-    task = get_task(name, data_dir=DATA)
+    task = get_task(name, prompt="letter", data_dir=DATA)
     cot = get_task(name, prompt="official", data_dir=DATA)
     for split in task.splits:
-        for ex in load(name, split):
+        for ex in load(name, split, "letter"):
             gold, options = ex.meta["answer_index"], ex.meta["options"]
             letter = "ABCDE"[gold]
             assert ex.answer == letter and f"\n{letter}. {options[gold]}" in ex.messages[1]["content"]
@@ -232,8 +232,8 @@ def test_arc_a_list_of_the_options_never_scores_right(name, prompt):
 def test_arc_shuffled_options_keep_the_question_and_spread_the_gold_letter():
     import random
     from collections import Counter
-    task = get_task("arc_easy", data_dir=DATA)
-    train = load("arc_easy", "train")
+    task = get_task("arc_easy", prompt="letter", data_dir=DATA)
+    train = load("arc_easy", "train", "letter")
     rng = random.Random(0)
     shuffled = [task.shuffled(ex, rng) for ex in train]
     for ex, sh in zip(train, shuffled):
@@ -264,8 +264,8 @@ def test_arc_first_prompt_lists_the_options_before_the_question_and_scores_their
 
 @needs_data
 def test_arc_label_variants():
-    ex = {e.id: e for e in load("arc_easy", "train")}
-    task = get_task("arc_easy", data_dir=DATA)
+    ex = {e.id: e for e in load("arc_easy", "train", "letter")}
+    task = get_task("arc_easy", prompt="letter", data_dir=DATA)
     numeric = ex["arc_easy/NYSEDREGENTS_2006_8_10"]          # labels "1"-"4", answerKey "3"
     assert numeric.meta["labels"] == ["1", "2", "3", "4"] and numeric.answer == "C"
     assert "\nC. how they formed" in numeric.messages[1]["content"]
@@ -279,8 +279,8 @@ def test_arc_label_variants():
 
 @needs_data
 def test_arc_extraction_reads_text_and_refuses_ambiguity():
-    ex = {e.id: e for e in load("arc_easy", "train")}
-    task = get_task("arc_easy", data_dir=DATA)
+    ex = {e.id: e for e in load("arc_easy", "train", "letter")}
+    task = get_task("arc_easy", prompt="letter", data_dir=DATA)
     fever = ex["arc_easy/Mercury_7220990"]          # B: "a bacterial population in the bloodstream"
     assert task.extract("A bacterial population in the bloodstream.", fever) == "B"   # "A" is an article
     assert task.extract("B. a bacterial population in the bloodstream", fever) == "B"
@@ -292,7 +292,7 @@ def test_arc_extraction_reads_text_and_refuses_ambiguity():
     assert task.extract("\\boxed{C}", fever) == "C"
     assert task.extract("The answer is A and C.", fever) is None
     assert task.extract("", fever) is None and task.extract("I am not sure.", fever) is None
-    genetics = next(e for e in load("arc_challenge", "test") if e.meta["options"] == ["R", "rr", "Rr", "RR"])
+    genetics = next(e for e in load("arc_challenge", "test", "letter") if e.meta["options"] == ["R", "rr", "Rr", "RR"])
     assert [task.extract(o, genetics) for o in ["Rr", "rr", "RR", "(A)"]] == ["C", "B", "D", "A"]
 
 
