@@ -6,7 +6,7 @@ The data flows checkpoint -> model.py (+ tokenizer.py) -> chat.py -> data/ (task
     complete = Completer(model, tok, max_new_tokens=64)
     complete([[{"role": "user", "content": "What is 2 + 3?"}]])   # -> ["2 + 3 = 5."]
 
-`Completer` renders chat messages with the checkpoint's template and generates with model.generate;
+`Completer` renders chat messages with the checkpoint's template and generates with generate.generate;
 it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.py and adapt.py use it.
 """
 
@@ -14,7 +14,8 @@ import torch
 
 import checkpoints
 from data import add_data_dir_argument, get_task
-from model import generate, load_model
+from generate import generate
+from model import load_model
 from tokenizer import Tokenizer
 
 # Generation budget per task: enough for the prompt formats in data/ (a letter and the option's

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import safetensors_io
-from model import ModelConfig, generate, load_model, token_logprobs
+from generate import generate
+import model as model_py
+from model import KVCache, ModelConfig, left_pad, load_model, token_logprobs
 
 KINDS = ["llama", "qwen2", "llama3"]
 
@@ -93,7 +95,6 @@ def test_config_variants(tiny_checkpoint):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_kv_cache_matches_full_forward(tiny_checkpoint, kind):
-    from model import KVCache
     model, config = load_model(tiny_checkpoint(kind))
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -134,6 +135,53 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_c
     assert len(together[0]) == 1 and len({len(t) for t in together}) > 1  # the batch did shrink
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype):
+    """Transformer.decode, generation's fast path, against forward on the same cache."""
+    model, config = load_model(tiny_checkpoint(kind), dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for prompts in ([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]], [[5, 6, 7]], [[5, 6], [7, 8]]):  # padded or not
+        ids, mask = left_pad(prompts, 0, "cpu")
+        B = len(prompts)
+        caches = [KVCache(config, B, ids.shape[1] + 3, dtype, "cpu") for _ in range(2)]
+        with torch.no_grad():
+            for cache in caches:
+                model(ids, mask, cache)
+            nxt = torch.arange(20, 20 + B)
+            fast = [model.decode(nxt + t, caches[0]) for t in range(3)]
+            plain = [model(nxt[:, None] + t, None, caches[1])[:, -1] for t in range(3)]
+        torch.testing.assert_close(torch.stack(fast), torch.stack(plain), **tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind):
+    """generate's fast path (Transformer.decode) against the plain one (forward), greedy and sampled,
+    on a left-padded batch whose rows stop at different times and leave it."""
+    model, config = load_model(tiny_checkpoint(kind))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (5, 9, 3, 7, 1)]
+    free = generate(model, prompts, 12, fast=False)
+    stops = {free[0][1], free[2][4]}
+    fast = generate(model, prompts, 12, stop_tokens=stops, pad_id=0)
+    assert fast == generate(model, prompts, 12, stop_tokens=stops, pad_id=0, fast=False)
+    assert len({len(t) for t in fast}) > 1  # the batch did shrink
+    assert generate(model, prompts[1:2], 12) == generate(model, prompts[1:2], 12, fast=False)  # one row: torch.mv
+    sampled = [generate(model, prompts, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7),
+                        fast=fast_path) for fast_path in (True, False)]
+    assert sampled[0] == sampled[1]
+
+
+def test_rope_tables_grow_and_match_the_direct_formula(tiny_checkpoint):
+    model, config = load_model(tiny_checkpoint("llama3"))
+    for n in (10, 700):  # 700: longer than the first table
+        pos = torch.arange(n)
+        cos, sin = model.rope(pos, n)
+        freqs = pos[:, None].float() * model.inv_freq
+        torch.testing.assert_close(cos, torch.cat((freqs, freqs), -1).cos(), rtol=0, atol=0)
+        torch.testing.assert_close(sin, torch.cat((-freqs.sin(), freqs.sin()), -1), rtol=0, atol=0)
+
+
 def test_generate_greedy_equals_argmax_loop(tiny_checkpoint):
     model, config = load_model(tiny_checkpoint("llama"))
     seq = [5, 9, 17, 3]
@@ -165,6 +213,57 @@ def test_token_logprobs_match_log_softmax_and_have_gradients(tiny_checkpoint):
     torch.testing.assert_close(lp[0], expect)
     lp.sum().backward()
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_logprobs_and_kl_equal_the_plain_ones_and_so_do_their_gradients(tiny_checkpoint, kind, monkeypatch):
+    """token_logprobs computes the head and the log-softmax in chunks, recomputed in the backward
+    pass; the plain path (return_logits=True) holds the whole logits. Same values, same gradients."""
+    monkeypatch.setattr(model_py, "LOGPROB_CHUNK", 4)  # several chunks, split inside rows
+    model, config = load_model(tiny_checkpoint(kind), dtype=torch.float64)
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (4, 7, 2)]
+    completions = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (5, 1, 9)]
+    # an "expert": the MLP weights perturbed, as leaves of a functional_call, as reinforce.py does
+    leaves = {n: (p * (1 + 0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))).requires_grad_()
+              for n, p in model.named_parameters() if ".mlp." in n}
+    forward = lambda ids, mask, **kw: torch.func.functional_call(model, leaves, (ids, mask), kw)
+    weights = torch.rand(3, 9, generator=g, dtype=torch.float64)
+    results = []
+    for plain in (False, True):
+        logp, mask, *rest = token_logprobs(model, prompts, completions, 0, forward, return_logits=plain,
+                                           temperature=0.7, kl=True)
+        kl = rest[-1]
+        ((logp * weights).sum() + (kl * weights.flip(1)).sum()).backward()
+        results.append([logp, kl, mask] + [leaves[n].grad.clone() for n in leaves])
+        for leaf in leaves.values():
+            leaf.grad = None
+    assert results[0][1].sum() > 1e-3  # the KL is not trivially zero
+    for chunked, plain in zip(*results):  # float64, but RMSNorm computes in float32 as the reference does
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_logprobs_never_hold_the_whole_logits(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(model_py, "LOGPROB_CHUNK", 4)
+    model, config = load_model(tiny_checkpoint("qwen2"))
+    rows = []
+    real_head = model.lm_head.forward
+    model.lm_head.forward = lambda h: rows.append(h.shape[:-1].numel()) or real_head(h)
+    weights = {p.data_ptr() for p in model.parameters()}
+    saved = []  # the vocabulary-sized activations that autograd keeps for the backward pass
+
+    def pack(t):
+        if t.data_ptr() not in weights and t.shape[-1:] == (config.vocab_size,):
+            saved.append(t.numel())
+        return t
+    prompts, completions = [[4, 8, 15], [16, 23]], [[42, 4, 8, 15, 16, 23], [4, 8]]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, mask = token_logprobs(model, prompts, completions)
+    logp.sum().backward()
+    assert rows and max(rows) <= 4  # the head saw chunks of at most 4 tokens, forward and backward
+    assert sum(rows) == 2 * 8  # the 8 completion tokens, once forward and once recomputed
+    assert max(saved, default=0) <= 4 * config.vocab_size  # no logits beyond one chunk's were kept
 
 
 def test_load_reports_missing_unexpected_and_misshaped(tiny_checkpoint):

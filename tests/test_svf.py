@@ -12,7 +12,8 @@ import params
 import safetensors_io
 import svd_cache
 import svf
-from model import generate, load_model
+from generate import generate
+from model import load_model
 
 USER_CACHE = os.environ.get("T2_CACHE_DIR")  # read before the fixture below points it elsewhere
 

@@ -1,0 +1,104 @@
+"""Batched generation with a KV cache, split as gpt-fast's generate.py is: prefill, decode_one_token, sample.
+
+    prefill           the left-padded prompts through Transformer.forward, filling the cache
+    decode_one_token  one new token per row through Transformer.decode, forward's fast twin
+    sample            the next tokens from the logits: greedy, or temperature and top-p
+
+Rows that reach a stop token leave the batch (KVCache.keep), so long answers decode alone.
+`fast=False` decodes with Transformer.forward instead, the plain reference the tests compare with.
+
+    python generate.py --prompt "What is the capital of France?"    # also: python model.py ...
+"""
+
+import argparse
+import time
+
+import torch
+
+from model import KVCache, left_pad, load_model
+
+
+def prefill(model, ids, mask, cache):
+    """ids, mask (B, T) -> logits (B, vocab) at each prompt's last token; the cache holds all T columns."""
+    return model(ids, mask, cache, logits_from=-1)[:, -1]
+
+
+def decode_one_token(model, tokens, cache, fast=True):
+    """tokens (B,) -> logits (B, vocab) of the token after each; the cache grows by one column."""
+    return model.decode(tokens, cache) if fast else model(tokens[:, None], None, cache)[:, -1]
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """logits (B, vocab) -> next tokens (B,). Greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        p = p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
+             pad_id=0, generator=None, fast=True):
+    """Batched generation with a KV cache. prompts: list of token lists.
+
+    Returns the new tokens of each prompt, up to and excluding the first stop token.
+    """
+    device = model.inv_freq.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T = ids.shape
+    window = getattr(model.config, "sliding_window", None)
+    if window and T + max_new_tokens > window:
+        raise ValueError(f"sequence of {T + max_new_tokens} tokens exceeds the sliding window "
+                         f"{window}, which this implementation does not apply")
+    cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
+    stop = set(stop_tokens)
+    rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
+    out = [[] for _ in range(B)]
+    logits = prefill(model, ids, mask, cache)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, top_p, generator)  # (b,) for the b rows still generating
+        tokens = nxt.tolist()
+        going = [i for i, t in enumerate(tokens) if t not in stop]
+        for i in going:
+            out[rows[i]].append(tokens[i])
+        if not going:
+            break
+        if len(going) < len(rows):  # finished rows leave the batch, so the long answers decode alone
+            keep = torch.tensor(going, device=device)
+            cache.keep(keep)
+            rows, nxt = [rows[i] for i in going], nxt[keep]
+        logits = decode_one_token(model, nxt, cache, fast)
+    return out
+
+
+def main():
+    import checkpoints
+    from tokenizer import Tokenizer
+    ap = argparse.ArgumentParser(description="Chat with a Llama-family checkpoint.")
+    ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args()
+
+    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    tok = Tokenizer.from_dir(checkpoints.resolve_model(args.model))
+    prompt = tok.chat([{"role": "user", "content": args.prompt}])
+    t0 = time.perf_counter()
+    new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
+                   tok.pad_id, torch.Generator().manual_seed(args.seed))[0]
+    dt = time.perf_counter() - t0
+    print(tok.decode(new))
+    print(f"[{len(prompt)} prompt tokens, {len(new)} new tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()
