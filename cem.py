@@ -61,7 +61,7 @@ import safetensors_io
 import svf
 from data import get_task, split_shots
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
-from model import token_logprobs
+from logprobs import token_logprobs
 
 say = functools.partial(print, flush=True)  # progress lines show up at once, also in a log file
 

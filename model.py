@@ -207,6 +207,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp.decode(self.post_attention_layernorm(x))
 
 
+def checkpointed(layer, *args):
+    """layer(*args) without holding its activations: the backward pass recomputes them
+    (torch.utils.checkpoint). The layer's weights go in as arguments, so that the recomputation uses
+    the tensors this forward used, also under torch.func.functional_call, whose substitution of
+    weights (an expert's W') is over by the time the backward pass runs."""
+    weights = dict(layer.named_parameters())
+    return torch.utils.checkpoint.checkpoint(lambda w, *a: torch.func.functional_call(layer, w, a),
+                                             weights, *args, use_reentrant=False)
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for the whole generation and written in place.
 
@@ -266,14 +276,16 @@ class Transformer(nn.Module):
             self._rope = rope_tables(self.inv_freq, max(n, 2 * len(cos) if cos is not None else 256), dtype)
         return self._rope[0][positions], self._rope[1][positions]
 
-    def forward(self, input_ids, attention_mask=None, cache=None, logits_from=0, head=True):
+    def forward(self, input_ids, attention_mask=None, cache=None, logits_from=0, head=True, checkpoint=False):
         """input_ids (B, T) -> logits (B, T, vocab). attention_mask (B, T): 1 real token, 0 padding.
 
         With a cache, the T new tokens are appended after cache.length earlier positions.
         Padding is allowed on the left only, as generate() makes it. logits_from: logits of positions
         logits_from: only, (B, T - logits_from, vocab). Generation needs the last one (-1), training
         the completion's; the output head is a fifth of the work at this model size. head=False
-        returns the final hidden states (B, T - logits_from, C) instead, for token_logprobs.
+        returns the final hidden states (B, T - logits_from, C) instead, for logprobs.py.
+        checkpoint=True (training, no cache) holds no layer's activations for the backward pass but
+        recomputes them there: a third more compute for a twentieth of the memory (`checkpointed`).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -303,7 +315,7 @@ class Transformer(nn.Module):
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = checkpointed(layer, x, cos, sin, mask, None, i) if checkpoint else layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x[:, logits_from:])
@@ -385,7 +397,7 @@ def load_model(path=None, dtype=torch.float32, device="cpu"):
     return model.eval(), config
 
 
-# ----------------------------------------------------------------------------- log-probabilities
+# ----------------------------------------------------------------------------- batches
 
 def left_pad(sequences, pad_id, device):
     """list of token lists -> (ids (B, T), mask (B, T)), padded on the left."""
@@ -397,79 +409,6 @@ def left_pad(sequences, pad_id, device):
             ids[i, T - len(s):] = torch.tensor(s)
             mask[i, T - len(s):] = True
     return ids.to(device), mask.to(device)
-
-
-def kl_divergence(logits, base_logits):
-    """KL(p || p_base) (...) of the next-token distributions softmax(logits) and softmax(base_logits) (..., vocab)."""
-    logp, base = torch.log_softmax(logits.float(), -1), torch.log_softmax(base_logits.float(), -1)
-    return (logp.exp() * (logp - base)).sum(-1)
-
-
-LOGPROB_CHUNK = 256  # completion tokens per chunk in token_logprobs: (256, 49152) float32 logits are 50 MB
-
-
-def token_logprobs(model, prompts, completions, pad_id=0, forward=None, return_logits=False, temperature=1.0,
-                   kl=False):
-    """Log-probabilities of each completion token given its prompt, with gradients enabled.
-
-    prompts, completions: lists of token lists. Returns (logprobs (B, L), mask (B, L)) where L is the
-    longest completion and mask marks real completion tokens. `forward` replaces model.__call__, e.g.
-    a torch.func.functional_call with SVF weights (the output head is never an SVF target).
-    `temperature`: the log-probabilities of the distribution that `sample` draws from at that
-    temperature, log softmax(logits / T). kl=True appends kl (B, L), the KL penalty of reinforce.py:
-    at each completion token, KL(p_forward || p_model) of the two next-token distributions at T = 1.
-
-    The output head and the log-softmax run together on chunks of LOGPROB_CHUNK completion tokens,
-    each chunk recomputed in the backward pass (torch.utils.checkpoint), so the logits (B, L, vocab)
-    are never held whole (for 8 answers of 320 tokens they are 0.5 GB per copy, and the log-softmax
-    and the backward pass make several), and padding goes through no head at all.
-    return_logits=True is the plain reference, one pass that holds and also returns the logits
-    (B, L, vocab); the tests check that both give the same values and gradients.
-    """
-    forward = forward or model
-    device = model.inv_freq.device
-    L = max(max(len(c) for c in completions), 1)
-    comp_mask = torch.zeros(len(prompts), L, dtype=torch.bool, device=device)
-    for i, c in enumerate(completions):
-        comp_mask[i, :len(c)] = True
-    if return_logits or not comp_mask.any():  # the plain path (also when there is nothing to score)
-        # left-pad the prompts and right-pad the completions so every completion starts at one column
-        ids, mask = left_pad([p + c + [pad_id] * (L - len(c)) for p, c in zip(prompts, completions)], pad_id, device)
-        P = ids.shape[1] - L  # column of the first completion token
-        logits = forward(ids, mask, logits_from=P - 1)[:, :-1]  # (B, L, vocab): position t predicts t + 1
-        targets = ids[:, P:]  # (B, L)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-        out = (logp * comp_mask, comp_mask, logits)
-        if kl:
-            with torch.no_grad():
-                base_logits = model(ids, mask, logits_from=P - 1)[:, :-1]
-            out += (kl_divergence(logits, base_logits) * comp_mask,)
-        return out if return_logits else out[:2] + out[3:]
-
-    # Whole sequences left-padded, so a batch of similar total lengths pads little: every completion
-    # ends at the last column, and `ends` marks the positions that predict its tokens.
-    ids, mask = left_pad([p + c for p, c in zip(prompts, completions)], pad_id, device)
-    ends = comp_mask.flip(1)  # (B, L): the last len(c) of the L positions before the end
-    start = ids.shape[1] - L - 1  # the position that predicts the first token of the longest completion
-
-    def head(h, t, h_base=None):  # a chunk of n tokens: final hidden states (n, C), targets (n,)
-        logits = model.lm_head(h).float()  # (n, vocab)
-        scaled = logits / temperature if temperature != 1 else logits
-        logp = torch.log_softmax(scaled, -1).gather(-1, t[:, None])[:, 0]  # (n,)
-        if h_base is None:
-            return logp[None]
-        return torch.stack((logp, kl_divergence(logits, model.lm_head(h_base))))  # (2, n)
-
-    # (N, C) and (N,): the N real completion tokens, row after row, each row's in order
-    inputs = [forward(ids, mask, logits_from=start, head=False)[:, :-1][ends], ids[:, start + 1:][ends]]
-    if kl:
-        with torch.no_grad():
-            inputs.append(model(ids, mask, logits_from=start, head=False)[:, :-1][ends])
-    chunks = [torch.utils.checkpoint.checkpoint(head, *(x[s:s + LOGPROB_CHUNK] for x in inputs), use_reentrant=False)
-              for s in range(0, len(inputs[1]), LOGPROB_CHUNK)]
-    flat = torch.cat(chunks, 1)  # (1 or 2, N), in the order in which comp_mask marks the tokens
-    out = tuple(flat.new_zeros(comp_mask.shape).masked_scatter(comp_mask, row) for row in flat)  # (B, L) each
-    return (out[0], comp_mask) + out[1:]
 
 
 if __name__ == "__main__":

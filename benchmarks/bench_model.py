@@ -1,82 +1,161 @@
-"""Speed and memory of model.py on the default checkpoint: prefill, decode, and the bandwidth limit.
+"""Speed and memory of model.py on the default checkpoint: prefill, decode, forward + backward, and the
+bandwidth limit of batch-1 decoding; optionally side by side with Hugging Face transformers.
 
-    python -m benchmarks.bench_model [--model DIR] [--runs 5] [--dtypes float32 bfloat16]
+    python -m benchmarks.bench_model [--model DIR] [--runs 3] [--dtypes float32 bfloat16] [--compare-hf]
 
-Every number is the median of --runs runs. Batch-1 decoding reads every weight once per token, so its
-ceiling is (weight bytes) / (memory read bandwidth); we measure that bandwidth with a large
-reduction over a buffer much bigger than the caches and print the ceiling next to the measurement.
+Every number is the median of --runs runs, and the contenders take turns within each run, so that
+a machine whose speed drifts (other jobs, a shared core) favours none of them. Batch-1 decoding reads
+every weight once per token, so its ceiling is (weight bytes) / (read bandwidth); we measure that
+bandwidth next to each decode run with a sum over a buffer as large as the weights, which meets the
+same caches the weights do (this machine's L3 may hold a good part of them).
+
+--compare-hf needs `transformers`, which is no dependency of this project; install it apart, e.g.
+`pip install --target /tmp/hf transformers` and PYTHONPATH=/tmp/hf. It loads the same checkpoint
+directory with LlamaForCausalLM (no download) and times its `generate` and forward the same way.
 """
 
 import argparse
+import platform
 import resource
 import statistics
+import subprocess
 import time
 
 import torch
 
-from model import generate, load_model
+import checkpoints
+from generate import generate
+from model import load_model
 
 
-def median_time(fn, runs):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def read_bandwidth(runs, gib=1.0):
-    """Bytes per second that a sum over a `gib`-GiB float32 buffer reads, median of runs."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()  # touch the pages once
-    return x.numel() * 4 / median_time(lambda: x.sum(), runs)
+def cpu_name():
+    """The CPU's model name and whether it has native bfloat16 (AMX, AVX-512-BF16), from lscpu."""
+    try:
+        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")), "?")
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx2") if f in info.split()]
+    return f"{name} ({', '.join(flags) or 'no avx2'})"
 
 
 def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-@torch.inference_mode()
-def bench(model, runs, prompt_len=512, new_tokens=32):
+class Ours:
+    name = "ours"
+
+    def __init__(self, path, dtype):
+        self.model, _ = load_model(path, dtype=dtype)
+
+    def prefill(self, ids):
+        self.model(ids, logits_from=-1)
+
+    def generate(self, prompts, n):  # no stop tokens: every row makes exactly n tokens
+        generate(self.model, prompts, n)
+
+    def logits(self, ids, last):
+        return self.model(ids, logits_from=-last)
+
+
+class HF:
+    name = "HF"
+
+    def __init__(self, path, dtype):
+        import transformers
+        self.version = transformers.__version__
+        self.model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    def prefill(self, ids):
+        self.model(ids, use_cache=False, logits_to_keep=1)
+
+    def generate(self, prompts, n):
+        ids = torch.tensor(prompts)  # the benchmark's prompts are all of one length: no padding
+        self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=0)
+
+    def logits(self, ids, last):
+        return self.model(ids, use_cache=False, logits_to_keep=last).logits
+
+
+def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), prompt_len=512, new_tokens=32):
+    """{row: {contender: value}} for one dtype; rows of tokens per second, and the bandwidth limit."""
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    prompt = torch.randint(100, vocab, (prompt_len,), generator=g).tolist()
+    vocab = contenders[0].model.config.vocab_size
+    prompt = torch.randint(100, vocab, (1, prompt_len), generator=g)
     short = torch.randint(100, vocab, (16,), generator=g).tolist()
-    generate(model, [short], 4)  # warm-up
-    # prefill as generation does it: the whole prompt through the model, logits of the last position
-    prefill = median_time(lambda: model(torch.tensor([prompt]), logits_from=-1), runs)
-    out = {"prefill tok/s (512)": prompt_len / prefill}
-    for batch in (1, 16):
-        prompts = [short] * batch
-        # with no stop tokens every row produces exactly max_new_tokens tokens; the difference of a
-        # (new_tokens + 1)-token and a 1-token generation is new_tokens decode steps, sampling included
-        t_one = median_time(lambda: generate(model, prompts, 1), runs)
-        t_all = median_time(lambda: generate(model, prompts, new_tokens + 1), runs)
-        out[f"decode tok/s (batch {batch})"] = batch * new_tokens / (t_all - t_one)
-    return out
+    train = torch.randint(100, vocab, (8, 384), generator=g)
+    buffer = torch.ones(weight_bytes // 4)
+    times = {}
+
+    def record(row, who, value):
+        times.setdefault(row, {}).setdefault(who, []).append(value)
+
+    def fwd_bwd(c):  # forward + backward of 8 x 384 tokens, log-probabilities of the last 256
+        c.model.requires_grad_(True)
+        logp = torch.log_softmax(c.logits(train, 256).float(), -1)
+        logp.gather(-1, train[:, -256:, None]).sum().backward()
+        c.model.zero_grad(set_to_none=True)
+        c.model.requires_grad_(False)
+
+    for c in contenders:  # warm-up
+        with torch.inference_mode():
+            c.generate([short], 2)
+    for _ in range(runs):
+        for c in contenders:
+            with torch.inference_mode():
+                record("prefill, 512 tokens", c.name, prompt_len / seconds(lambda: c.prefill(prompt)))
+                for batch in batches:
+                    # the difference of a (new_tokens + 1)- and a 1-token generation is new_tokens decode steps
+                    t1 = seconds(lambda: c.generate([short] * batch, 1))
+                    t_all = seconds(lambda: c.generate([short] * batch, new_tokens + 1))
+                    record(f"decode, batch {batch}, {new_tokens} tokens", c.name, batch * new_tokens / (t_all - t1))
+                    if batch == 1:
+                        # tokens/s at which the weights could stream: reads per second of as many bytes
+                        record("bandwidth limit", "all", 1 / seconds(buffer.sum))
+            record("forward + backward, (8, 384), logits of the last 256", c.name, 8 * 384 / seconds(lambda: fwd_bwd(c)))
+    return {row: {who: statistics.median(v) for who, v in by.items()} for row, by in times.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64], help="decode batch sizes")
+    ap.add_argument("--compare-hf", action="store_true", help="time Hugging Face transformers alongside")
     args = ap.parse_args()
+    path = checkpoints.resolve_model(args.model)
 
-    bw = read_bandwidth(args.runs)
-    print(f"threads {torch.get_num_threads()}, measured read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     for name in args.dtypes:
-        model, config = load_model(args.model, dtype=getattr(torch, name))
+        dtype = getattr(torch, name)
+        contenders = [Ours(path, dtype)] + ([HF(path, dtype)] if args.compare_hf else [])
         # each decoded token reads every weight once; the tied embedding is read as the output head
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        res = bench(model, args.runs)
-        print(f"{name}: weights {weight_bytes / 2**20:.0f} MiB, "
-              f"bandwidth limit at batch 1 {bw / weight_bytes:.1f} tok/s")
-        for k, v in res.items():
-            print(f"  {k:24s} {v:8.1f}")
-        del model
-    print(f"peak RSS {peak_rss_gib():.2f} GiB")
+        weight_bytes = sum(p.numel() * p.element_size() for p in contenders[0].model.parameters())
+        res = bench(contenders, args.runs, weight_bytes, args.batches)
+        names = [c.name for c in contenders]
+        hf = f", transformers {contenders[1].version}" if args.compare_hf else ""
+        print(f"\n{name}: weights {weight_bytes / 2**20:.0f} MiB{hf}; tokens/s, medians of {args.runs}")
+        print(f"| | {' | '.join(names)} |" + (" ours / HF |" if args.compare_hf else ""))
+        print("|---|" + "---|" * (len(names) + args.compare_hf))
+        limit = res.pop("bandwidth limit")["all"]
+        for row, by in res.items():
+            cells = [f"{by[n]:.1f}" for n in names]
+            if row.startswith("decode, batch 1,"):
+                cells = [f"{by[n]:.1f} ({by[n] / limit:.0%} of limit)" for n in names]
+            ratio = f" {by['ours'] / by['HF']:.2f}x |" if args.compare_hf else ""
+            print(f"| {row} | {' | '.join(cells)} |{ratio}")
+        print(f"| bandwidth limit, batch 1 | {limit:.1f} tok/s ({limit * weight_bytes / 1e9:.1f} GB/s read) |")
+        del contenders
+    print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ import svf
 from data import get_task, wilson_interval
 from data.task import system, user
 from chat import Completer, add_model_arguments, load
-from model import left_pad, token_logprobs
+from logprobs import token_logprobs
+from model import left_pad
 
 LETTERS = "ABCD"
 

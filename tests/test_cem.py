@@ -14,7 +14,8 @@ import svf
 from data import get_task, split_shots
 from data.task import Example, Task
 from chat import Completer
-from model import load_model, token_logprobs
+from logprobs import token_logprobs
+from model import load_model
 from tokenizer import GPT2_PATTERN, Tokenizer
 
 quiet = lambda *a, **k: None  # noqa: E731

@@ -9,8 +9,9 @@ import torch
 
 import safetensors_io
 from generate import generate
-import model as model_py
-from model import KVCache, ModelConfig, left_pad, load_model, token_logprobs
+import logprobs
+from logprobs import token_logprobs
+from model import KVCache, ModelConfig, left_pad, load_model
 
 KINDS = ["llama", "qwen2", "llama3"]
 
@@ -219,7 +220,7 @@ def test_token_logprobs_match_log_softmax_and_have_gradients(tiny_checkpoint):
 def test_chunked_logprobs_and_kl_equal_the_plain_ones_and_so_do_their_gradients(tiny_checkpoint, kind, monkeypatch):
     """token_logprobs computes the head and the log-softmax in chunks, recomputed in the backward
     pass; the plain path (return_logits=True) holds the whole logits. Same values, same gradients."""
-    monkeypatch.setattr(model_py, "LOGPROB_CHUNK", 4)  # several chunks, split inside rows
+    monkeypatch.setattr(logprobs, "LOGPROB_CHUNK", 4)  # several chunks, split inside rows
     model, config = load_model(tiny_checkpoint(kind), dtype=torch.float64)
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(6)
@@ -244,8 +245,27 @@ def test_chunked_logprobs_and_kl_equal_the_plain_ones_and_so_do_their_gradients(
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-7)
 
 
+def test_checkpointed_layers_give_the_gradients_of_held_activations_under_functional_call(tiny_checkpoint):
+    """checkpoint=True recomputes each layer in the backward pass, after functional_call has put the
+    model's own weights back: the recomputation must still use the leaves (model.checkpointed)."""
+    model, config = load_model(tiny_checkpoint("qwen2"))
+    model.requires_grad_(False)
+    leaves = {n: (p * 1.1).requires_grad_() for n, p in model.named_parameters() if ".mlp." in n or "q_proj" in n}
+    forward = lambda ids, mask, **kw: torch.func.functional_call(model, leaves, (ids, mask), kw)
+    prompts, completions = [[4, 8, 15], [16, 23]], [[42, 4, 8, 15, 16, 23], [4, 8]]
+    grads = []
+    for checkpoint in (False, True):
+        logp, _ = token_logprobs(model, prompts, completions, 0, forward, checkpoint=checkpoint)
+        logp.sum().backward()
+        grads.append({n: leaf.grad for n, leaf in leaves.items()})
+        for leaf in leaves.values():
+            leaf.grad = None
+    for n in leaves:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
 def test_chunked_logprobs_never_hold_the_whole_logits(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(model_py, "LOGPROB_CHUNK", 4)
+    monkeypatch.setattr(logprobs, "LOGPROB_CHUNK", 4)
     model, config = load_model(tiny_checkpoint("qwen2"))
     rows = []
     real_head = model.lm_head.forward

@@ -10,7 +10,7 @@ import lora
 import objectives
 import reinforce
 import svf
-from model import token_logprobs
+from logprobs import token_logprobs
 from test_reinforce import LowByteTask, config, setup  # noqa: F401 (setup is a fixture)
 
 

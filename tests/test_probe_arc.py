@@ -6,7 +6,7 @@ import torch
 from benchmarks.probe_arc import calibrated_choice, option_scores
 from data.task import Example, system, user
 from chat import Completer
-from model import token_logprobs
+from logprobs import token_logprobs
 
 
 def test_calibration_removes_a_fixed_letter_preference_and_keeps_the_signal():

@@ -11,7 +11,8 @@ import objectives
 import reinforce
 import svf
 from data.task import Example, Task
-from model import load_model, token_logprobs
+from logprobs import token_logprobs
+from model import load_model
 from tokenizer import GPT2_PATTERN, Tokenizer
 
 
@@ -141,13 +142,12 @@ def test_kl_is_zero_at_initialisation_and_positive_after_a_change(setup):
             p.fill_(0.3)  # all scales equal: W' = W up to the SVD's float error
     prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
     forward = lambda ids, mask, **kw: wrapper(ids, mask, **kw)
-    _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
-    kl, n = reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)
-    assert n == 5 and abs(kl.item() / 5) < 1e-6
+    _, mask, kl = token_logprobs(model, prompts, completions, 256, forward, kl=True)
+    assert mask.sum() == 5 and abs(kl.sum().item() / 5) < 1e-6
     with torch.no_grad():
         wrapper.p[0][:5] = -3.0
-    _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
-    assert reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)[0] > 1e-6
+    _, _, kl = token_logprobs(model, prompts, completions, 256, forward, kl=True)
+    assert kl.sum() > 1e-6 and not kl[~mask].any()
 
 
 def test_the_kl_term_is_per_answer_averaged_over_the_batch(setup):
@@ -162,8 +162,12 @@ def test_the_kl_term_is_per_answer_averaged_over_the_batch(setup):
     loss, kl_per_token, _, _ = reinforce.policy_gradient_step(wrapper, model, prompts, completions,
                                                               [1.0, 1.0], cfg, 256)  # advantages 0: KL alone
     forward = lambda ids, mask, **kw: wrapper(ids, mask, **kw)
+    # the plain reference: KL(pi_W' || pi_W) from the whole logits of both models
     _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
-    kl_sum, n = reinforce.kl_to_base(model, prompts, completions, logits, mask, 256)
+    with torch.no_grad():
+        _, _, base = token_logprobs(model, prompts, completions, 256, return_logits=True)
+    logp, logp_base = torch.log_softmax(logits, -1), torch.log_softmax(base, -1)
+    kl_sum, n = ((logp.exp() * (logp - logp_base)).sum(-1) * mask).sum(), mask.sum()
     assert kl_sum > 0 and n == 10
     assert loss == pytest.approx(0.1 * kl_sum.item() / 2, rel=1e-4)      # lambda * sum / B
     assert kl_per_token == pytest.approx(kl_sum.item() / 10, rel=1e-4)   # what the log shows
@@ -203,7 +207,7 @@ def test_sampled_rollouts_are_scored_under_the_tempered_distribution(setup):
 def test_nan_loss_stops_without_writing_an_expert(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(objectives, "token_logprobs",
                         lambda *a, **k: (torch.full((1, 1), float("nan"), requires_grad=True),
-                                         torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, 259)))
+                                         torch.ones(1, 1, dtype=torch.bool)))
     with pytest.raises(FloatingPointError, match="loss is nan"):
         run(setup, tmp_path, steps=3)
     # the step-0 validation wrote the base expert; no step's update reached a file
