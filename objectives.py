@@ -28,21 +28,22 @@ import time
 
 import torch
 
-from model import token_logprobs
+from logprobs import token_logprobs
 
 
-def backward_through_weights(wrapper, model, run):
+def backward_through_weights(wrapper, model, run, weights=None):
     """Calls run(forward), which runs the micro-batches' forward and backward passes with
     `forward(ids, mask, **kw)`, and carries their gradient to the wrapper's parameters.
     Returns (run's result, t_backward, t_recomp).
 
-    The adapted weights W' are computed once with autograd, then cut off as leaves: each
-    micro-batch's backward stops at W' and adds into W'.grad, and one final backward carries the sum
-    through the recomposition (SVF) or W + (alpha/r) B A (LoRA) to the parameters. This bounds memory
-    by the micro-batch and forms W' only once per step.
+    The adapted weights W' (`weights`, from wrapper.weights(), when the caller has them: reinforce.py
+    makes them once per step, for the rollouts and this) keep their graph to the parameters and
+    are cut off as leaves: each micro-batch's backward stops at W' and adds into W'.grad, and one
+    final backward carries the sum through the recomposition (SVF) or W + (alpha/r) B A (LoRA) to
+    the parameters. This bounds memory by the micro-batch and forms W' only once per step.
     """
     t0 = time.perf_counter()
-    weights = wrapper.weights()  # {name: W'} with a graph back to the parameters
+    weights = wrapper.weights() if weights is None else weights  # {name: W'} with a graph back to the parameters
     leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
     t_recomp = time.perf_counter() - t0
 
@@ -55,6 +56,27 @@ def backward_through_weights(wrapper, model, run):
     t0 = time.perf_counter()
     torch.autograd.backward(list(weights.values()), [leaves[k].grad for k in weights])
     return result, t_backward, t_recomp + time.perf_counter() - t0
+
+
+# Micro-batches of more (padded) tokens than this recompute their layers' activations in the backward
+# pass instead of holding them (Transformer.forward's checkpoint): 36% more compute, and memory for
+# activations falls from about 1.6 MB per token (SmolLM2-135M, float32) to a twentieth. Shorter
+# micro-batches, such as ARC's, keep them: their activations fit, and their steps stay fast.
+CHECKPOINT_TOKENS = 2048
+
+
+def micro_batches(prompts, completions, size):
+    """(slice, checkpoint) of each micro-batch of `size` sequences, taken in the order given (the
+    callers sort their rows by length, so that each micro-batch pads to less)."""
+    for s in range(0, len(prompts), size):
+        sl = slice(s, s + size)
+        tokens = len(prompts[sl]) * max(len(p) + len(c) for p, c in zip(prompts[sl], completions[sl]))
+        yield sl, tokens > CHECKPOINT_TOKENS
+
+
+def by_length(prompts, completions):
+    """The row indices in order of total length."""
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
 
 
 def check_finite(loss):
@@ -74,21 +96,7 @@ def advantages(rewards, baseline=False, samples=1):
     return (groups - groups.mean(1, keepdim=True)).flatten()
 
 
-def kl_to_base(model, prompts, completions, logits_new, mask, pad_id):
-    """(sum over generated tokens of KL(pi_new || pi_base) at each of them, number of such tokens).
-
-    The KL of each token's next-token distributions is summed over the vocabulary; summed over the
-    tokens of an answer it is the KL between the two models' distributions of whole answers, as in
-    the paper's equation 1 (by the chain rule, estimated at the answer generated)."""
-    with torch.no_grad():
-        _, _, logits_base = token_logprobs(model, prompts, completions, pad_id, return_logits=True)
-    logp_new = torch.log_softmax(logits_new.float(), -1)
-    logp_base = torch.log_softmax(logits_base.float(), -1)
-    kl = (logp_new.exp() * (logp_new - logp_base)).sum(-1)  # (B, L)
-    return (kl * mask).sum(), mask.sum()
-
-
-def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True):
+def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True, weights=None):
     """Accumulates the gradient of the loss into the expert's parameters; returns (loss, kl, t_backward, t_recomp).
 
     loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
@@ -98,6 +106,7 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     With lambda = 0 a rollout whose advantage is 0 adds nothing to the gradient, so it is left out
     of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
     answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
+    `weights`: the rollouts' W' (backward_through_weights).
     """
     advantage = advantages(rewards, cfg.baseline, cfg.samples)
     B = len(prompts)
@@ -108,27 +117,27 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
         for p in wrapper.parameters():
             p.grad = torch.zeros_like(p)
         return 0.0, 0.0, 0.0, 0.0
+    rows = [rows[i] for i in by_length([prompts[i] for i in rows], [completions[i] for i in rows])]
     prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
     # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
 
     def run(forward):
         total_loss, kl_sum, kl_count = 0.0, 0.0, 0
-        for s in range(0, len(rows), cfg.micro_batch):
-            sl = slice(s, s + cfg.micro_batch)
-            logp, mask, logits = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,
-                                                return_logits=True, temperature=temperature)
+        for sl, checkpoint in micro_batches(prompts, completions, cfg.micro_batch):
+            logp, mask, *kl = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,  # kl: [(b, L)]
+                                             temperature=temperature, kl=cfg.kl > 0, checkpoint=checkpoint)
             loss = -(logp.sum(1) * advantage[sl]).sum() / B
-            if cfg.kl > 0:
-                kl, n = kl_to_base(model, prompts[sl], completions[sl], logits, mask, pad_id)
-                kl_sum, kl_count = kl_sum + kl.item(), kl_count + n.item()
+            if kl:  # KL(pi_W' || pi_W) at each generated token, over the whole vocabulary
+                kl = kl[0].sum()
+                kl_sum, kl_count = kl_sum + kl.item(), kl_count + mask.sum().item()
                 loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
             check_finite(loss)
             loss.backward()
             total_loss += loss.item()
         return total_loss, kl_sum / max(kl_count, 1)
 
-    (loss, kl), t_backward, t_recomp = backward_through_weights(wrapper, model, run)
+    (loss, kl), t_backward, t_recomp = backward_through_weights(wrapper, model, run, weights)
     return loss, kl, t_backward, t_recomp
 
 
@@ -158,11 +167,14 @@ def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
     docstring) into the expert's parameters; returns (loss, t_backward, t_recomp)."""
     N = sum(len(t) for t in targets)  # every reference token of the batch
 
+    order = by_length(prompts, targets)
+    prompts, targets = [prompts[i] for i in order], [targets[i] for i in order]
+
     def run(forward):
         total = 0.0
-        for s in range(0, len(prompts), cfg.micro_batch):
-            sl = slice(s, s + cfg.micro_batch)
-            logp, _ = token_logprobs(model, prompts[sl], targets[sl], pad_id, forward)  # (b, L), 0 at padding
+        for sl, checkpoint in micro_batches(prompts, targets, cfg.micro_batch):
+            logp, _ = token_logprobs(model, prompts[sl], targets[sl], pad_id, forward,
+                                     checkpoint=checkpoint)  # (b, L), 0 at padding
             loss = -logp.sum() / N
             check_finite(loss)
             loss.backward()

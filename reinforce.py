@@ -66,8 +66,8 @@ import lora
 import svf
 from data import evaluate, get_task
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
-# the two objectives (advantages and kl_to_base stay importable from here, as before they moved)
-from objectives import (advantages, kl_to_base, nll_step, policy_gradient_step,  # noqa: F401
+# the two objectives (advantages stays importable from here, as before it moved)
+from objectives import (advantages, nll_step, policy_gradient_step,  # noqa: F401
                         reference_targets, require_references)
 
 
@@ -233,15 +233,15 @@ def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, 
     """One RL step's work before the optimizer: greedy (or sampled) rollouts with the current
     expert, rewards +1/-1 from the task's scorer, the policy gradient. Returns the step's log row."""
     t0 = time.perf_counter()
-    with torch.no_grad():
-        new_weights = wrapper.weights()
+    new_weights = wrapper.weights()  # W' with its graph to the parameters: the rollouts use it, then the update
     t_recomp0 = time.perf_counter() - t0
-    with wrapper.applied(weights=new_weights):
+    with wrapper.applied(weights={k: w.detach() for k, w in new_weights.items()}):
         completions = completer.generate_ids(prompts)
     t_rollout = time.perf_counter() - t0 - t_recomp0
     correct = task.score_many(batch, [tok.decode(c) for c in completions])
     rewards = [1.0 if c else -1.0 for c in correct]
-    loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id)
+    loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg,
+                                                          tok.pad_id, weights=new_weights)
     return {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct), "kl": kl, "loss": loss,
             "rollout_s": t_rollout, "backward_s": t_backward, "recompose_s": t_recomp + t_recomp0,
             "new_tokens": sum(map(len, completions))}
