@@ -239,6 +239,14 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def put(self, rows, start, part):
+        """Copies the filled columns of `part`, a cache of len(rows) rows, into rows `rows` (a LongTensor)
+        from column `start` on."""
+        end = start + part.length
+        for k, v, pk, pv in zip(self.k, self.v, part.k, part.v):
+            k[rows, :, start:end], v[rows, :, start:end] = pk[:, :, :part.length], pv[:, :, :part.length]
+        self.key_mask[rows, start:end] = part.key_mask[:, :part.length]
+
     def keep(self, rows):
         """Keeps only the batch rows `rows` (a LongTensor), e.g. the sequences still generating."""
         self.k = [k.index_select(0, rows) for k in self.k]

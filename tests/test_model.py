@@ -173,6 +173,24 @@ def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind)
     assert sampled[0] == sampled[1]
 
 
+def test_prefill_in_length_groups_fills_the_cache_as_one_batch_does(tiny_checkpoint):
+    from generate import length_groups, prefill
+    assert length_groups([10, 3, 9, 10, 1]) == [[0, 3, 2], [1], [4]]  # 30 columns for 29 tokens; 3 and 1 alone
+    model, config = load_model(tiny_checkpoint("llama3"))
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist() for n in (10, 3, 9, 10, 1)]
+    ids, mask = left_pad(prompts, 0, "cpu")
+    caches = [KVCache(config, 5, 14, torch.float32, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        grouped, whole = prefill(model, ids, mask, caches[0]), model(ids, mask, caches[1], logits_from=-1)[:, -1]
+    torch.testing.assert_close(grouped, whole, atol=1e-5, rtol=1e-5)
+    assert caches[0].length == caches[1].length == 10 and caches[0].padded
+    assert torch.equal(caches[0].key_mask, caches[1].key_mask)
+    for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(a * caches[1].key_mask[:, None, :, None], b * caches[1].key_mask[:, None, :, None],
+                                   atol=1e-5, rtol=1e-5)  # the same at every real column
+
+
 def test_rope_tables_grow_and_match_the_direct_formula(tiny_checkpoint):
     model, config = load_model(tiny_checkpoint("llama3"))
     for n in (10, 700):  # 700: longer than the first table
