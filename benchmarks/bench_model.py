@@ -4,7 +4,9 @@ bandwidth limit of batch-1 decoding; optionally side by side with Hugging Face t
     python -m benchmarks.bench_model [--model DIR] [--runs 3] [--dtypes float32 bfloat16] [--compare-hf]
 
 Every number is the median of --runs runs, and the contenders take turns within each run, so that
-a machine whose speed drifts (other jobs, a shared core) favours none of them. Batch-1 decoding reads
+a machine whose speed drifts (other jobs, a shared core) favours none of them. Times are CPU time of
+this process (time.process_time), so that a core shared with other jobs does not stretch them; run
+with one thread (OMP_NUM_THREADS=1, pinned with taskset) for that to hold. Batch-1 decoding reads
 every weight once per token, so its ceiling is (weight bytes) / (read bandwidth); we measure that
 bandwidth next to each decode run with a sum over a buffer as large as the weights, which meets the
 same caches the weights do (this machine's L3 may hold a good part of them).
@@ -29,9 +31,11 @@ from model import load_model
 
 
 def seconds(fn):
-    t0 = time.perf_counter()
+    """CPU seconds of this process that fn() takes: unlike the wall clock, they do not count the time
+    that other jobs on a shared core take, and with one thread they equal it on a free core."""
+    t0 = time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def cpu_name():
@@ -120,7 +124,8 @@ def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), prompt_len=512, n
                     if batch == 1:
                         # tokens/s at which the weights could stream: reads per second of as many bytes
                         record("bandwidth limit", "all", 1 / seconds(buffer.sum))
-            record("forward + backward, (8, 384), logits of the last 256", c.name, 8 * 384 / seconds(lambda: fwd_bwd(c)))
+            row = "forward + backward, (8, 384), logits of the last 256"
+            record(row, c.name, 8 * 384 / seconds(lambda: fwd_bwd(c)))
     return {row: {who: statistics.median(v) for who, v in by.items()} for row, by in times.items()}
 
 
@@ -143,7 +148,7 @@ def main():
         res = bench(contenders, args.runs, weight_bytes, args.batches)
         names = [c.name for c in contenders]
         hf = f", transformers {contenders[1].version}" if args.compare_hf else ""
-        print(f"\n{name}: weights {weight_bytes / 2**20:.0f} MiB{hf}; tokens/s, medians of {args.runs}")
+        print(f"\n{name}: weights {weight_bytes / 2**20:.0f} MiB{hf}; tokens per CPU second, medians of {args.runs}")
         print(f"| | {' | '.join(names)} |" + (" ours / HF |" if args.compare_hf else ""))
         print("|---|" + "---|" * (len(names) + args.compare_hf))
         limit = res.pop("bandwidth limit")["all"]
