@@ -59,24 +59,19 @@ def backward_through_weights(wrapper, model, run, weights=None):
 
 
 # Micro-batches of more (padded) tokens than this recompute their layers' activations in the backward
-# pass instead of holding them (Transformer.forward's checkpoint): 36% more compute, and memory for
-# activations falls from about 1.6 MB per token (SmolLM2-135M, float32) to a twentieth. Shorter
-# micro-batches, such as ARC's, keep them: their activations fit, and their steps stay fast.
+# pass instead of holding them (Transformer.forward's checkpoint): about a third more compute there,
+# and the activations held fall from about 1.6 MB per token (SmolLM2-135M, float32) to the layers'
+# inputs, 69 KB. Shorter micro-batches, such as ARC's, hold them: they fit, and their steps stay fast.
 CHECKPOINT_TOKENS = 2048
 
 
 def micro_batches(prompts, completions, size):
-    """(slice, checkpoint) of each micro-batch of `size` sequences, taken in the order given (the
-    callers sort their rows by length, so that each micro-batch pads to less)."""
+    """(slice, checkpoint) of each micro-batch of `size` sequences, in the order given; the callers
+    give their rows in order of length, so that each micro-batch pads to less."""
     for s in range(0, len(prompts), size):
         sl = slice(s, s + size)
         tokens = len(prompts[sl]) * max(len(p) + len(c) for p, c in zip(prompts[sl], completions[sl]))
         yield sl, tokens > CHECKPOINT_TOKENS
-
-
-def by_length(prompts, completions):
-    """The row indices in order of total length."""
-    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
 
 
 def check_finite(loss):
@@ -117,7 +112,7 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
         for p in wrapper.parameters():
             p.grad = torch.zeros_like(p)
         return 0.0, 0.0, 0.0, 0.0
-    rows = [rows[i] for i in by_length([prompts[i] for i in rows], [completions[i] for i in rows])]
+    rows.sort(key=lambda i: len(prompts[i]) + len(completions[i]))  # micro-batches of similar lengths
     prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
     # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
@@ -166,8 +161,7 @@ def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
     """Accumulates the gradient of the mean negative log-likelihood per reference token (module
     docstring) into the expert's parameters; returns (loss, t_backward, t_recomp)."""
     N = sum(len(t) for t in targets)  # every reference token of the batch
-
-    order = by_length(prompts, targets)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))  # similar lengths
     prompts, targets = [prompts[i] for i in order], [targets[i] for i in order]
 
     def run(forward):
