@@ -128,8 +128,9 @@ def apply_rope(x, cos, sin):
 def matvec(linear, x):
     """linear(x) for the few rows x (B, in) of decoding, in the form the CPU's kernels run fastest.
 
-    Measured on an Intel Xeon with AMX (README, "Speed"): torch.mv for one row, and in bfloat16
-    W @ x.T for more, up to twice as fast as x @ W.T; in float32 x @ W.T is as fast as any.
+    Measured on an Intel Xeon with AMX (RESULTS.md, "Speed"): torch.mv for one row, 1.4 times as
+    fast as x @ W.T in bfloat16; in bfloat16 W @ x.T for more rows, 1.1 to 1.3 times; in float32
+    x @ W.T, where no other form is faster.
     """
     W = linear.weight
     if x.shape[0] == 1:
@@ -334,9 +335,9 @@ class Transformer(nn.Module):
 
         forward's fast twin for generation, the same network on one token per row: no time axis,
         no causal mask (the new token attends to every real key; padding is masked only if the batch
-        has any), one position per row, and the matrix products as `matvec`. Fewer operations per
-        layer (about 25, forward has about 40) and faster kernels; tests/test_model.py checks that
-        generation gives the same greedy tokens either way.
+        has any), one position per row, and the matrix products as `matvec`: a quarter fewer
+        operations per layer (55 against forward's 72, views included) and faster kernels.
+        tests/test_model.py checks that generation gives the same tokens either way.
         """
         S = cache.length + 1
         cache.key_mask[:, cache.length] = True

@@ -4,7 +4,7 @@
     python -m benchmarks.bench_step --memory [--old main] [--micro-batch 8]
 
 A step is what reinforce.py's train() does before the optimizer's step, for the recipe of
-experts/arc.safetensors (README): recompose W', generate the rollouts of 16 ARC-Easy training
+experts/arc.safetensors (reinforce.RECIPES): recompose W', generate the rollouts of 16 ARC-Easy training
 questions (prompt `first`, options shuffled, 32 new tokens, greedy, `mlp` targets), score them, and
 the policy-gradient backward (micro-batches of 8, baseline) through W' to p. The old code is the
 repository's modules at git revision --old, extracted into a temporary directory and imported beside
@@ -140,7 +140,7 @@ def memory_child(root, micro_batch):
     tok = w["tokenizer"].Tokenizer.from_dir(path)
     reinforce = w["reinforce"]
     cfg = reinforce.recipe("mbpp")
-    cfg.baseline, cfg.batch_size, cfg.micro_batch = True, micro_batch, micro_batch  # as README's MBPP run
+    cfg.baseline, cfg.batch_size, cfg.micro_batch = True, micro_batch, micro_batch  # as RESULTS.md's MBPP run
     wrapper = reinforce.make_wrapper(cfg, model, path)
     task = get_task("mbpp")
     train = task.load("train")
