@@ -230,7 +230,7 @@ def report(adapter, confusion, n, log=say):
         right = sum(confusion[(c, c)] for c in CATEGORIES)
         log(f"routing accuracy {right / max(n, 1):.4f} ({right}/{n})")
     if adapter.fewshot_info:
-        alpha = torch.tensor(adapter.fewshot_info["alpha"])  # (K,) or (K, n_matrices)
+        alpha = torch.tensor(adapter.fewshot_info["alpha"], device="cpu")  # (K,) or (K, n_matrices)
         log(f"few-shot alpha {[round(a, 4) for a in (alpha.mean(-1) if alpha.dim() > 1 else alpha).tolist()]} "
             f"for {[e['path'] for e in adapter.fewshot_info['experts']]}; found by cem.py once per task in "
             f"{adapter.fewshot_info.get('wall_s', 0):.0f}s; reading and mixing here {t['mix_s'] * 1e3:.1f} ms")

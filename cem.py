@@ -106,13 +106,13 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
     `state` (such a dict) continues from there, up to `generations` in all: so a search can be
     interrupted, or extended with more generations, and ends where an uninterrupted one would.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)  # the search is a few numbers: the CPU, always
     low, high = bounds if bounds is not None else (-math.inf, math.inf)
-    low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
+    low, high = (torch.as_tensor(b, dtype=torch.float32, device="cpu") for b in (low, high))
     n_elite = min(max(2, int(elite_ratio * population)), population)  # one elite has std 0: the search would stop
     if state is None:
-        mean = torch.clamp(torch.zeros(dim) + init_mean, low, high)  # (dim,)
-        std = torch.zeros(dim) + init_std  # (dim,)
+        mean = torch.clamp(torch.zeros(dim, device="cpu") + init_mean, low, high)  # (dim,)
+        std = torch.zeros(dim, device="cpu") + init_std  # (dim,)
         best, best_key, history, start = mean.clone(), None, [], 1
     else:
         mean, std, best, best_key = state["mean"], state["std"], state["best"], tuple(state["fitness"])
@@ -120,7 +120,7 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
         g.set_state(state["rng"])
     for gen in range(start, generations + 1):
         t0 = time.perf_counter()
-        pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g), low, high)  # (P, dim)
+        pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g, device="cpu"), low, high)  # (P, dim)
         pop[0] = best
         keys = [_key(fitness_fn(x.clone())) for x in pop]
         order = sorted(range(population), key=lambda i: keys[i], reverse=True)  # stable: ties keep index order
@@ -185,7 +185,7 @@ def save_mix(wrapper, path, experts, alpha, **info):
                          "keep alpha >= 0 (--bounds 0 1)")
     p = {name: torch.logit(v / (2 * v.max())) for name, v in z.items()}
     components = [dict(path=e.path, digest=expert_digest(e), task=e.info.get("task")) for e in experts]
-    alpha = torch.as_tensor(alpha).tolist()
+    alpha = torch.as_tensor(alpha, device="cpu").tolist()
     wrapper.save_expert(path, p, kind="fewshot-mix", alpha=alpha, experts=components, **info)
 
 

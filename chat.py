@@ -2,13 +2,15 @@
 
 The data flows checkpoint -> model.py (+ tokenizer.py) -> chat.py -> data/ (tasks, scorers):
 
-    model, tok, model_dir = load(args)                 # from --model / --dtype (add_model_arguments)
+    model, tok, model_dir = load(args)                 # from --model / --dtype / --device (add_model_arguments)
     complete = Completer(model, tok, max_new_tokens=64)
     complete([[{"role": "user", "content": "What is 2 + 3?"}]])   # -> ["2 + 3 = 5."]
 
 `Completer` renders chat messages with the checkpoint's template and generates with generate.generate;
 it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.py and adapt.py use it.
 """
+
+import argparse
 
 import torch
 
@@ -35,7 +37,9 @@ class Completer:
         self.model, self.tok = model, tok
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        # sampling draws on the model's device, so the generator lives there too (seeded: a CUDA run
+        # is reproducible on the same GPU as a CPU run is on the CPU, though the two draw differently)
+        self.generator = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
 
     def encode(self, messages):
         if messages[-1]["role"] == "assistant":  # continue the prefill: no end-of-turn after it
@@ -61,15 +65,50 @@ class Completer:
 def add_model_arguments(ap):
     """The flags every script shares for choosing and running a checkpoint."""
     ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and SVF factors; p, the optimiser and the loss stay float32 (default: %(default)s)")
+    ap.add_argument("--device", default="auto", type=device_arg,
+                    help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     add_data_dir_argument(ap)
 
 
+def resolve_device(name="auto"):
+    """--device's value -> a torch.device: "auto" is the first GPU when CUDA is available, else the
+    CPU. Raises ValueError, saying what is there, for a device this machine does not have."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}; expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r}, but {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def device_arg(name):
+    """argparse type of --device: checks the name now (a clear error before anything loads)."""
+    try:
+        return str(resolve_device(name)) if name != "auto" else name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def load(args):
-    """(model, tokenizer, model_dir) from the shared flags."""
+    """(model, tokenizer, model_dir) from the shared flags, the model on --device."""
     path = checkpoints.resolve_model(args.model)
-    model, _ = load_model(path, dtype=getattr(torch, args.dtype))
+    device = resolve_device(getattr(args, "device", "auto"))
+    model, _ = load_model(path, dtype=getattr(torch, args.dtype), device=device)
+    if device.type == "cuda":
+        print(f"model on {device} ({torch.cuda.get_device_name(device)}), {args.dtype}")
     return model, Tokenizer.from_dir(path), path
 
 

@@ -119,14 +119,17 @@ def main():
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args()
 
-    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+    from chat import resolve_device  # chat imports this module: imported here, where it is needed
+    device = resolve_device(args.device)
+    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     tok = Tokenizer.from_dir(checkpoints.resolve_model(args.model))
     prompt = tok.chat([{"role": "user", "content": args.prompt}])
     t0 = time.perf_counter()
     new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
-                   tok.pad_id, torch.Generator().manual_seed(args.seed))[0]
+                   tok.pad_id, torch.Generator(device=device).manual_seed(args.seed))[0]
     dt = time.perf_counter() - t0
     print(tok.decode(new))
     print(f"[{len(prompt)} prompt tokens, {len(new)} new tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]")

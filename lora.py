@@ -68,12 +68,12 @@ class LoRA(nn.Module):
         # inside applied(), where the model's own parameters hold W'. (So make the wrapper outside
         # any applied() block: inside one it would take that block's W' for its base.)
         self.base = {name: model.get_parameter(name).detach() for name in self.names}
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)  # drawn on the CPU: every device starts alike
         self.A, self.B = nn.ParameterList(), nn.ParameterList()
         for name in self.names:
             W = self.base[name]
             m, n = W.shape
-            self.A.append(nn.Parameter((torch.randn(self.rank, n, generator=g) / self.rank).to(W.device)))
+            self.A.append(nn.Parameter((torch.randn(self.rank, n, generator=g, device="cpu") / self.rank).to(W.device)))
             self.B.append(nn.Parameter(torch.zeros(m, self.rank, device=W.device)))
 
     def state(self):

@@ -97,7 +97,7 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config):
     """Inverse frequencies theta_i = base^(-2i/d), with Llama-3's long-context rescaling if set."""
     d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d)
     s = config.rope_scaling
     if s:  # Llama 3.1: stretch low frequencies by `factor`, keep high ones, blend in between
         factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -409,15 +409,14 @@ def load_model(path=None, dtype=torch.float32, device="cpu"):
 # ----------------------------------------------------------------------------- batches
 
 def left_pad(sequences, pad_id, device):
-    """list of token lists -> (ids (B, T), mask (B, T)), padded on the left."""
+    """list of token lists -> (ids (B, T), mask (B, T)) on `device`, padded on the left.
+
+    Built as Python lists and copied once: one transfer to a GPU, not one per row."""
     T = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(sequences), T, dtype=torch.bool)
-    for i, s in enumerate(sequences):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = True
-    return ids.to(device), mask.to(device)
+    ids = [[pad_id] * (T - len(s)) + list(s) for s in sequences]
+    mask = [[False] * (T - len(s)) + [True] * len(s) for s in sequences]
+    return (torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(mask, dtype=torch.bool, device=device))
 
 
 if __name__ == "__main__":

@@ -81,10 +81,10 @@ def check_finite(loss):
 
 # ----------------------------------------------------------------------------- rl: REINFORCE, eq. 1
 
-def advantages(rewards, baseline=False, samples=1):
+def advantages(rewards, baseline=False, samples=1, device="cpu"):
     """The weight of each rollout in the loss: its reward, less the mean reward of its own question's
     `samples` rollouts (consecutive in the batch) when samples > 1, or of the whole batch."""
-    r = torch.tensor(rewards, dtype=torch.float32)
+    r = torch.tensor(rewards, dtype=torch.float32, device=device)
     if not baseline:
         return r
     groups = r.view(-1, samples) if samples > 1 else r.view(1, -1)  # (questions, K) or (1, B)
@@ -103,9 +103,10 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
     `weights`: the rollouts' W' (backward_through_weights).
     """
-    advantage = advantages(rewards, cfg.baseline, cfg.samples)
+    advantage = advantages(rewards, cfg.baseline, cfg.samples, device=model.inv_freq.device)
     B = len(prompts)
-    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or advantage[i] != 0]
+    nonzero = (advantage != 0).tolist()  # one read from the device, not one per rollout
+    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or nonzero[i]]
     if not rows:
         # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
         # forward and backward passes. Adam still takes its step (momentum carries on), as it would.

@@ -112,7 +112,7 @@ def _check_cache(path, identity, targets, weights):
     if found != (CACHE_FORMAT, identity, targets, dtype):
         raise ValueError(f"it holds {found}, expected {(CACHE_FORMAT, identity, targets, dtype)}")
     factors = {}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device="cpu").manual_seed(0)
     for name, W in weights.items():
         try:
             U, sigma, Vh = (tensors[f"{name}.{k}"] for k in ("U", "sigma", "Vh"))
@@ -123,7 +123,7 @@ def _check_cache(path, identity, targets, weights):
             raise ValueError(f"{name}: factors of shapes {U.shape} {sigma.shape} {Vh.shape} for W {W.shape}")
         # Spot check: 64 random entries of U diag(sigma) Vh against the weights the model holds now,
         # to the tolerance of their dtype, so that factors of other weights are never used.
-        i, j = torch.randint(m, (64,), generator=g), torch.randint(n, (64,), generator=g)
+        i, j = (torch.randint(k, (64,), generator=g, device="cpu") for k in (m, n))
         approx = ((U[i] * sigma) * Vh[:, j].T).sum(1)
         exact = W.detach()[i.to(W.device), j.to(W.device)].float().cpu()
         if not torch.allclose(approx, exact, rtol=0, atol=TOLERANCE.get(dtype, 1e-2) * float(sigma[0])):

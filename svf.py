@@ -111,24 +111,31 @@ class Recompose(torch.autograd.Function):
         return None, grad_s, None, None
 
 
-def recompose(U, s, Vh, impl="auto"):
-    """U diag(s) Vh. impl: "torch" (reference), "cuda" (the kernel), "auto" (kernel on CUDA tensors,
-    reference elsewhere, and the reference with one warning if the kernel cannot be built)."""
+def resolve_impl(impl, U):
+    """The path `recompose` takes for factors like U: "cuda" (the kernel) or "torch" (the reference).
+    "auto" is the kernel on CUDA tensors of float32 or bfloat16, else the reference, and the
+    reference with one warning if the kernel cannot be built."""
     if impl not in ("auto", "cuda", "torch"):
         raise ValueError(f"impl={impl!r}; expected 'auto', 'cuda' or 'torch'")
-    if impl == "auto":
-        impl = "torch"
-        if U.is_cuda and U.dtype in (torch.float32, torch.bfloat16):
-            try:
-                load_kernel()
-                impl = "cuda"
-            except RuntimeError as e:
-                if not _kernel.get("warned"):
-                    _kernel["warned"] = True
-                    warnings.warn(f"{e}; using the PyTorch reference", stacklevel=2)
-    elif impl == "cuda" and not U.is_cuda:
+    if impl == "cuda" and not U.is_cuda:
         raise ValueError(f"impl='cuda' needs CUDA tensors, found U on {U.device}")
-    return Recompose.apply(U, s.to(U.dtype), Vh, impl)
+    if impl != "auto":
+        return impl
+    if not (U.is_cuda and U.dtype in (torch.float32, torch.bfloat16)):
+        return "torch"
+    try:
+        load_kernel()
+        return "cuda"
+    except RuntimeError as e:
+        if not _kernel.get("warned"):
+            _kernel["warned"] = True
+            warnings.warn(f"{e}; using the PyTorch reference", stacklevel=3)
+        return "torch"
+
+
+def recompose(U, s, Vh, impl="auto"):
+    """U diag(s) Vh. impl: "torch" (reference), "cuda" (the kernel), "auto" (resolve_impl)."""
+    return Recompose.apply(U, s.to(U.dtype), Vh, resolve_impl(impl, U))
 
 
 # ----------------------------------------------------------------------------- swapping weights in
@@ -165,6 +172,29 @@ class _Factors(nn.Module):
             self.register_buffer(k, t, persistent=False)  # experts store p only
 
 
+def factor_bytes(weights, dtype):
+    """Bytes of U (m, r), Vh (r, n) in `dtype` and sigma (r,) in float32 for weights {name: W (m, n)}."""
+    size = torch.empty((), dtype=dtype, device="cpu").element_size()
+    return sum(min(W.shape) * ((W.shape[0] + W.shape[1]) * size + 4) for W in weights.values())
+
+
+def check_factor_memory(weights, dtype, device, log=print):
+    """Says how much memory the factors take before they are made, and on a GPU refuses, with what is
+    free, when they cannot fit (the SVD itself needs room for one matrix's float32 copy besides)."""
+    need = factor_bytes(weights, dtype)
+    W = max(weights.values(), key=lambda t: t.numel())
+    log(f"svf: the factors of {len(weights)} matrices take {need / 2**30:.2f} GiB "
+        f"({need / sum(t.numel() * t.element_size() for t in weights.values()):.2f}x the weights they replace)")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        svd_room = 4 * W.numel() * 3  # float32 W, U and Vh of the largest matrix while it is decomposed
+        if need + svd_room > free:
+            raise MemoryError(f"the SVF factors need {need / 2**30:.2f} GiB on {device} (+{svd_room / 2**30:.2f} GiB "
+                              f"while decomposing), but {free / 2**30:.2f} of {total / 2**30:.2f} GiB are free: use "
+                              f"--dtype bfloat16, fewer --targets, or a GPU with more memory")
+    return need
+
+
 @dataclass
 class Expert:
     p: dict  # {weight name: p (r,)}; for a LoRA file (lora.py) {factor key: A or B}
@@ -180,23 +210,31 @@ class SVF(nn.Module):
     """
 
     def __init__(self, model, identity, targets="mlp", max_mult=1.0, seed=0, impl="auto",
-                 dtype=torch.float32, use_cache=True, log=print):
+                 dtype=None, use_cache=True, log=print):
         super().__init__()
         object.__setattr__(self, "model", model)  # plain attribute: keeps the model out of parameters()
         model.requires_grad_(False)  # autograd must reach p and nothing else
         self.identity, self.targets, self.max_mult, self.impl = identity, targets, max_mult, impl
         self.names = target_names(model, targets)
-        factors = load_or_decompose({n: model.get_parameter(n) for n in self.names}, identity, targets, use_cache, log)
-        device = model.get_parameter(self.names[0]).device
+        weights = {n: model.get_parameter(n) for n in self.names}
+        W0 = weights[self.names[0]]
+        device, dtype = W0.device, dtype or W0.dtype  # factors in the model's dtype: bfloat16 stays bfloat16
+        check_factor_memory(weights, dtype, device, log)
+        factors = load_or_decompose(weights, identity, targets, use_cache, log)
         self.factors = nn.ModuleList()
         for name in self.names:  # sigma stays float32: it is tiny, and s is computed from it
             U, sigma, Vh = factors[name]
             self.factors.append(_Factors(U.to(device, dtype), sigma.to(device), Vh.to(device, dtype)))
+        path = resolve_impl(impl, self.factors[0].U)
+        log(f"svf: {len(self.names)} {targets} matrices, factors in {str(dtype).removeprefix('torch.')} on {device}; "
+            f"recomposition by {'the CUDA kernel (kernels/svf_recompose.cu)' if path == 'cuda' else 'the PyTorch reference'}")
         # Official initialisation: p = 0.1 + 0.01 N(0, 1), so sigmoid(p) ~ 0.525 everywhere; the
-        # rescaling below makes W' ~ W all the same. (The official code keeps p in bfloat16.)
-        g = torch.Generator().manual_seed(seed)
-        self.p = nn.ParameterList(nn.Parameter((0.1 + 0.01 * torch.randn(len(f.sigma), generator=g)).to(device))
-                                  for f in self.factors)
+        # rescaling below makes W' ~ W all the same. p is float32 whatever the model's dtype (the
+        # official code keeps it in bfloat16); drawn on the CPU, so every device starts alike.
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.p = nn.ParameterList(
+            nn.Parameter((0.1 + 0.01 * torch.randn(len(f.sigma), generator=g, device="cpu")).to(device))
+            for f in self.factors)
 
     def state(self):
         """{name: p} detached copies of the trainable vectors (what an expert file stores)."""
