@@ -174,7 +174,7 @@ def batch_indices(n, step, batch_size, seed):
     out, pos = [], step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed * 100003 + epoch), device="cpu")
         take = min(batch_size - len(out), n - offset)
         out += perm[offset:offset + take].tolist()
         pos += take
@@ -271,10 +271,14 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     if resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no training state at {state_path}; start without --resume")
-        saved = torch.load(state_path, weights_only=False)
+        saved = torch.load(state_path, weights_only=False, map_location="cpu")  # a GPU run's state loads anywhere
         check_resumable(saved, cfg, model_dir)
         wrapper.load_state(saved["p"])
-        opt.load_state_dict(saved["optimizer"])
+        opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to p's device
+        sampled_on = saved.get("generator_device", "cpu")
+        if sampled_on != completer.generator.device.type:  # the two generators' states do not convert
+            raise SystemExit(f"--resume: {run_dir} sampled its rollouts on {sampled_on}, this run is on "
+                             f"{completer.generator.device.type}; resume it with --device {sampled_on}")
         completer.generator.set_state(saved["generator"])
         step, best = saved["step"], saved["best"]
         # drop log rows of a step that was in progress when the run stopped
@@ -306,7 +310,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 
     def save_state():
         atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                           "generator": completer.generator.get_state(), "config": dataclasses.asdict(cfg),
+                           "generator": completer.generator.get_state(), "generator_device": completer.generator.device.type,
+                           "config": dataclasses.asdict(cfg),
                            "model_dir": model_dir}, state_path)
 
     # A kill (SIGTERM) unwinds like Ctrl-C; the state of the last finished step is already on disk.
