@@ -121,6 +121,17 @@ RECIPES = {
     # The few-shot prompt is the only one with which the base model names a category at all (42%
     # on validation); it then calls most MBPP problems "math", which 20 steps with a baseline fix.
     "cls": dict(prompt="fewshot", baseline=True, steps=30, eval_limit=90),
+    # Greedy rollouts of the base model pass 4 of 32 train problems, always the same way: little to
+    # compare. Sampled at T = 0.8, 9 of 32 problems have K = 8 answers that differ (pass@8 28%,
+    # benchmarks/pass_at_k.py), and K = 4 gives about as many such groups per rollout at half the
+    # step; a group baseline then says which answer to *this* problem was better. 20 steps and all
+    # 90 validation problems: what one sitting on one CPU core pays for (RESULTS.md).
+    "mbpp": dict(prompt="tests", samples=4, temperature=0.8, baseline=True, steps=20, eval_every=10, eval_limit=90),
+    # Sampled answers of the base model are right 1.2% of the time on the problems of one
+    # calculation step or none, and less on the rest (pass@8 9%): a curriculum of those easiest
+    # problems (task.difficulty), groups of 4 at T = 0.8, validated on 100 problems of every level.
+    "gsm8k": dict(prompt="official", samples=4, temperature=0.8, baseline=True, max_difficulty=1, steps=12,
+                  eval_every=6, eval_limit=100),
 }
 OFFICIAL = dict(prompt="official")
 
@@ -414,7 +425,8 @@ def main(argv=None):
     if cfg.rank < 1 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
         ap.error("--rank must be at least 1 and --lora-alpha above 0")
     if cfg.objective == "nll" and (cfg.kl > 0 or cfg.samples > 1):
-        ap.error("--kl and --samples shape the RL objective; --objective nll has no rollouts to apply them to")
+        ap.error(f"--kl and --samples shape the RL objective; --objective nll has no rollouts to apply them to "
+                 f"(found kl={cfg.kl}, samples={cfg.samples}, the {cfg.task} recipe's unless given: add --kl 0 --samples 1)")
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
     if cfg.shuffle_options and not hasattr(task, "shuffled"):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")

@@ -293,6 +293,11 @@ def test_each_task_defaults_to_its_recipe_and_flags_change_single_settings(monke
     assert (seen["cfg"].prompt, seen["cfg"].baseline, seen["cfg"].shuffle_options) == ("first", True, True)
     reinforce.main(["--task", "arc", "--no-baseline", "--kl", "0.1"])
     assert (seen["cfg"].baseline, seen["cfg"].kl, seen["cfg"].prompt) == (False, 0.1, "first")
+    reinforce.main(["--task", "mbpp"])  # group sampling: K = 4 answers of each problem at T = 0.8
+    assert (seen["cfg"].samples, seen["cfg"].temperature, seen["cfg"].baseline, seen["out"]) == \
+        (4, 0.8, True, "experts/mbpp.safetensors")
+    reinforce.main(["--task", "gsm8k"])  # and a curriculum of the easiest problems
+    assert (seen["cfg"].samples, seen["cfg"].max_difficulty, seen["out"]) == (4, 1, "experts/gsm8k.safetensors")
     reinforce.main(["--task", "arc", "--recipe", "official"])
     official = reinforce.TrainConfig(task="arc_easy", prompt="official")
     assert seen["cfg"] == official and not official.baseline and official.temperature == 0  # the official code's
@@ -381,3 +386,9 @@ def test_shuffle_options_draws_a_new_variant_per_rollout_seeded_by_the_step(setu
     assert train_steps[0] != train_steps[1]
     assert views[0] == views[1]                                         # same seed, same variants at each step
     assert all(" v" not in m for v in views[0] if is_validation(v) for m in v)   # validation: as is
+
+
+def test_next_token_prediction_refuses_a_recipes_group_sampling_and_says_how(capsys):
+    with pytest.raises(SystemExit):
+        reinforce.main(["--task", "mbpp", "--objective", "nll"])
+    assert "found kl=0.0, samples=4, the mbpp recipe's unless given: add --kl 0 --samples 1" in capsys.readouterr().err
