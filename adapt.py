@@ -9,9 +9,10 @@ Pass 1 looks at the question and chooses z'; pass 2 answers with W' = U diag(sig
     python adapt.py --strategy fewshot --task arc_challenge          # the mix cem.py wrote for the task
     python adapt.py --strategy cls --task cls --split validation --classify-only   # routing accuracy
 
-A strategy refuses to start while an expert it routes to is missing; until experts/gsm8k.safetensors
-and experts/mbpp.safetensors ship (issue 14), `--code-expert base --math-expert base` answers code
-and math with the base weights, as the first command does.
+A strategy refuses to start while an expert it routes to is missing. experts/gsm8k.safetensors and
+experts/mbpp.safetensors ship, but on the default model both were best at step 0 (RESULTS.md), so
+`--code-expert base --math-expert base`, as in the first command, gives the same answers and skips
+their recomposition.
 
 Strategies (the expert of each category: --code-expert, --math-expert, --reasoning-expert):
 - prompt: the base model classifies the question with the classification prompt (data/cls.py) into
