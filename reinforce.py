@@ -9,7 +9,7 @@ or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-t
     python reinforce.py --task arc --resume        # continue an interrupted run
     python reinforce.py --task arc --method lora --objective nll   # the paper's LoRA baseline
 
-Each task's defaults are the recipe of its shipped expert (RECIPES, with the reasons), so the first
+Each task's defaults are the recipe of its shipped expert (recipes.RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
 A run that is not a shipped expert's recipe (a two-step try, `--steps 2`) writes its expert next to
 its run directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
@@ -58,7 +58,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -66,89 +65,12 @@ import lora
 import svf
 from data import evaluate, get_task
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+# what a run is and the shipped recipes (recipes.py), importable from here as before they moved
+from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, default_names,  # noqa: F401
+                     expert_path, recipe)
 # the two objectives (advantages stays importable from here, as before it moved)
 from objectives import (advantages, nll_step, policy_gradient_step,  # noqa: F401
                         reference_targets, require_references)
-
-
-DEFAULT_TARGETS = {"svf": "mlp", "lora": "qv"}  # per method: the official code's, the paper's LoRA baseline's
-
-
-@dataclass
-class TrainConfig:
-    task: str = "arc_easy"
-    prompt: str = None  # None: the task's default prompt
-    method: str = "svf"  # or "lora" (lora.py), the paper's baseline
-    objective: str = "rl"  # or "nll": next-token prediction of the reference answers (objectives.py)
-    targets: str = None  # None: the method's default, svf "mlp" (official), lora "qv" (the paper's baseline)
-    rank: int = 16  # lora only: the paper's baseline rank
-    lora_alpha: float = None  # lora only; None: alpha = rank (Hu et al.), so alpha / rank = 1
-    steps: int = 60
-    batch_size: int = 16
-    micro_batch: int = 8  # sequences per forward/backward; gradients are accumulated
-    lr: float = 2e-3
-    kl: float = 0.0  # lambda; the paper sweeps 0, 0.1, 0.2, 0.3
-    baseline: bool = False
-    samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
-    temperature: float = 0.0
-    shuffle_options: bool = False  # not official: a random option order for each training rollout
-    max_difficulty: int = None  # not official: a curriculum, training questions of task.difficulty <= this
-    max_new_tokens: int = 0  # 0: per task (chat.MAX_NEW_TOKENS)
-    clip: float = 1e-3
-    eval_every: int = 10
-    eval_limit: int = 200
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.method not in DEFAULT_TARGETS or self.objective not in ("rl", "nll"):
-            raise ValueError(f"method={self.method!r}, objective={self.objective!r}; expected a method of "
-                             f"{sorted(DEFAULT_TARGETS)} and an objective 'rl' or 'nll'")
-        self.targets = self.targets or DEFAULT_TARGETS[self.method]
-        if self.method == "lora" and self.lora_alpha is None:
-            self.lora_alpha = float(self.rank)
-
-
-# The recipe of each shipped expert: `python reinforce.py --task T` trains experts/T.safetensors again
-# (flags override single settings; `--recipe official` starts from the official code's settings
-# instead, TrainConfig's defaults with the official prompt). Why each differs from the official code:
-RECIPES = {
-    # The base model answers ARC-Easy at chance in every lettered format, and 47% of the time by
-    # the option likelihood with the question alone (benchmarks/probe_arc.py): options before the
-    # question, answered with the option's text, put that knowledge closest to the surface; a
-    # baseline keeps a mostly-wrong policy from drifting into unparsable text; shuffled options make
-    # a letter or position habit worthless. 40 steps: validation peaked by then (RESULTS.md).
-    "arc_easy": dict(prompt="first", max_new_tokens=32, baseline=True, shuffle_options=True, steps=40),
-    # The few-shot prompt is the only one with which the base model names a category at all (42%
-    # on validation); it then calls most MBPP problems "math", which 20 steps with a baseline fix.
-    "cls": dict(prompt="fewshot", baseline=True, steps=30, eval_limit=90),
-    # Greedy rollouts of the base model pass 4 of 32 train problems, always the same way: little to
-    # compare. Sampled at T = 0.8, 9 of 32 problems have K = 8 answers that differ (pass@8 28%,
-    # benchmarks/pass_at_k.py), and K = 4 gives about as many such groups per rollout at half the
-    # step; a group baseline then says which answer to *this* problem was better. 20 steps and all
-    # 90 validation problems: what one sitting on one CPU core pays for (RESULTS.md).
-    "mbpp": dict(prompt="tests", samples=4, temperature=0.8, baseline=True, steps=20, eval_every=10, eval_limit=90),
-    # Sampled answers of the base model are right 1.2% of the time on the problems of one
-    # calculation step or none, and less on the rest (pass@8 9%): a curriculum of those easiest
-    # problems (task.difficulty), groups of 4 at T = 0.8, validated on 100 problems of every level.
-    "gsm8k": dict(prompt="official", samples=4, temperature=0.8, baseline=True, max_difficulty=1, steps=12,
-                  eval_every=6, eval_limit=100),
-}
-OFFICIAL = dict(prompt="official")
-
-
-def expert_path(task_name):
-    """Where the shipped expert of a task lives: experts/arc.safetensors for ARC-Easy (the name
-    adapt.py and cem.py use), experts/<task>.safetensors for the others."""
-    return os.path.join("experts", f"{ {'arc_easy': 'arc'}.get(task_name, task_name)}.safetensors")
-
-
-def recipe(task_name, name="shipped"):
-    """The TrainConfig of a task's shipped expert (name "shipped") or of the official code ("official")."""
-    if name not in ("shipped", "official"):
-        raise ValueError(f"recipe {name!r}; expected 'shipped' or 'official'")
-    task_name = get_task(task_name).name
-    settings = RECIPES.get(task_name, {}) if name == "shipped" else OFFICIAL
-    return TrainConfig(**dict(settings, task=task_name))
 
 
 def config_from_args(args):
@@ -166,15 +88,6 @@ def make_wrapper(cfg, model, model_dir):
     if cfg.method == "lora":
         return lora.LoRA(model, identity, cfg.targets, cfg.rank, cfg.lora_alpha, seed=cfg.seed)
     return svf.SVF(model, identity, cfg.targets, seed=cfg.seed)
-
-
-def default_names(cfg, task_name):
-    """(run dir, expert file) when --run-dir and --out are not given. SVF with RL keeps the names of
-    the shipped experts; the others go to runs/, so they never overwrite a file in experts/."""
-    if (cfg.method, cfg.objective) == ("svf", "rl"):
-        return os.path.join("runs", f"{task_name}-{cfg.targets}"), expert_path(task_name)
-    run_dir = os.path.join("runs", f"{task_name}-{cfg.method}-{cfg.objective}-{cfg.targets}")
-    return run_dir, run_dir + ".safetensors"
 
 
 def batch_indices(n, step, batch_size, seed):

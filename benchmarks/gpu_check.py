@@ -33,6 +33,7 @@ import reinforce
 import safetensors_io
 import svf
 from adapt import AdaptConfig, Adapter
+from benchmarks.bench_svf import median_time
 from chat import Completer, resolve_device
 from data import evaluate
 from data.task import Example, Task
@@ -129,14 +130,7 @@ def check_kernel(table, device):
 def median_ms(fn, device, runs=20):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn(), sync()  # warm-up: first-use costs of cuBLAS and the kernel
-    times = []
-    for _ in range(runs):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+    return median_time(fn, runs, sync) * 1e3
 
 
 def check_speed(table, device):

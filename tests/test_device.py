@@ -46,7 +46,8 @@ def setup(tiny_checkpoint, tmp_path):
 
 
 def test_the_meta_default_device_catches_a_tensor_made_without_a_device(setup, on_meta):
-    """The check itself: the old left_pad (torch.full without a device, then .to(device)) fails."""
+    """The check itself: a tensor made as the old left_pad made it (torch.full without a device, then
+    .to(device)) lands on meta and cannot reach the model."""
     model, tok, _ = setup
     ids = torch.full((1, 3), 0, dtype=torch.long)  # what the old code did
     with pytest.raises((NotImplementedError, RuntimeError)):
