@@ -62,7 +62,7 @@ import svf
 from cem import load_experts, mix_from_file, say
 from lora import load_adapter_for
 from data import get_task
-from data.evaluate import paired_difference_with
+from data.evaluate import compare_line
 from data.cls import ClsTask, extract_label
 from data.evaluate import Record, Result
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
@@ -327,8 +327,7 @@ def main(argv=None):
         say(f"{args.strategy}: {result.summary()}")
     report(adapter, confusion, len(examples))
     if result is not None and args.compare:
-        diff, lo, hi, n = paired_difference_with(args.compare, result)
-        say(f"vs {args.compare}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items")
+        say(compare_line(args.compare, result))
     if args.out:  # the Result's fields (pass 2), the routing, and the choice and timings of each item
         saved = dict(task=task.name, split=args.split, prompt=task.prompt, strategy=args.strategy, timing=adapter.timing,
                      confusion=[dict(true=t, chosen=c, n=n) for (t, c), n in sorted(confusion.items())])

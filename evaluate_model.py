@@ -24,7 +24,7 @@ import svf
 from lora import load_adapter_for
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
 from data import Result, evaluate, get_task
-from data.evaluate import check_same_run, paired_difference_with
+from data.evaluate import check_same_run, compare_line
 
 
 def main(argv=None):
@@ -80,8 +80,7 @@ def main(argv=None):
         result = evaluate(task, args.split, completer, **run)
     print(result.summary())
     for path in args.compare:
-        diff, lo, hi, n = paired_difference_with(path, result)
-        print(f"vs {path}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items")
+        print(compare_line(path, result))
     return result
 
 

@@ -3,8 +3,10 @@
 Runs on the real task data, found via $T2_DATA_DIR or ../shared/data next to the repository.
 """
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -13,7 +15,7 @@ import pytest
 
 from data.task import Example
 from data import TASKS, DataNotFoundError, evaluate, get_task, paired_difference, split_shots, wilson_interval
-from data.evaluate import Record, Result
+from data.evaluate import Record, Result, compare_line, exact_sign_test
 from data.paths import DEFAULT_DIR, data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -435,3 +437,20 @@ def test_wilson_interval_and_paired_difference():
     diff, lo, hi, n = paired_difference(a, b)
     assert (diff, n) == (0.1, 100) and lo == pytest.approx(0.1 - 1.96 * 0.0302, abs=1e-3) and hi > diff
     assert paired_difference(a, a)[:3] == (0.0, 0.0, 0.0)
+
+
+def test_exact_sign_test_counts_the_discordant_items_and_is_stricter_than_the_normal_interval(tmp_path):
+    rec = lambda i, right: Record(f"x{i}", [], "", None, None, right)  # noqa: E731
+    a = Result("t", "s", "p", [rec(i, i < 18) for i in range(500)])
+    b = Result("t", "s", "p", [rec(i, i < 22) for i in range(500)])   # 4 more right, none lost
+    assert exact_sign_test(a, b) == (4, 0, 0.125)           # 2 * (1/2)^4
+    assert paired_difference(a, b)[1] > 0                            # the normal interval excludes 0 ...
+    assert exact_sign_test(b, a) == (0, 4, 0.125)           # ... the exact test does not
+    c = Result("t", "s", "p", [rec(i, 5 <= i < 27) for i in range(500)])  # 9 won, 5 lost against a
+    assert exact_sign_test(a, c)[:2] == (9, 5)
+    assert exact_sign_test(a, c)[2] == pytest.approx(2 * sum(math.comb(14, k) for k in range(6)) / 2 ** 14)
+    assert exact_sign_test(a, a) == (0, 0, 1.0)
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"records": [dataclasses.asdict(r) for r in a.records]}))
+    line = compare_line(str(path), b)
+    assert line.startswith(f"vs {path}: +0.0080") and "on 500 shared items; 4 won, 0 lost (exact p = 0.125)" in line
