@@ -86,7 +86,7 @@ def draw_routing(plt, matrices, path):
 
 
 def draw_alphas(plt, rows, path):
-    fig, ax = plt.subplots(figsize=(1.6 + 1.8 * len(rows), 3.4))
+    fig, ax = plt.subplots(figsize=(2.8 + 1.8 * len(rows), 3.4))
     experts = sorted({n for _, names, _, _ in rows for n in names})
     width = 0.8 / max(len(experts), 1)
     for k, expert in enumerate(experts):
@@ -99,7 +99,7 @@ def draw_alphas(plt, rows, path):
         ax.bar(xs, ys, width, yerr=es if any(es) else None, label=expert, capsize=2)
     ax.set_xticks(range(len(rows)), [task for task, *_ in rows])
     ax.set_ylabel("alpha")
-    ax.set_title("few-shot mixing weights found by CEM")
+    ax.set_title("few-shot mixing weights found by CEM", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
