@@ -12,8 +12,9 @@ rows, one search per task (then see adapt.py's docstring for the evaluation):
     python adapt.py --strategy fewshot --task arc_challenge   # evaluates the mix on the test split minus the shots
 
 Each search scores population x generations mixes (32 x 50 by default) on the shots: a recomposition
-of W' and a greedy generation for the shots per mix, about 10 s on a 2-core CPU for the default model
-and 10 ARC shots, so hours in all; `--generations` trades time for search, and the search prints
+of W' and a greedy generation for the shots per mix, about 12 s on one CPU core for the default model
+and 10 ARC shots (16 x 5 took 971 s; 32 x 50 would take 5.4 hours), so `--population` and
+`--generations` trade time for search, and the search prints
 what a member and a generation cost. It keeps its state and every member's alpha, fitness and shot
 outputs in --run-dir (runs/cem-<task>), so `--resume` continues an interrupted search, or extends a
 finished one with a larger --generations.
