@@ -164,11 +164,16 @@ def wilson_interval(k, n, z=Z95):
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def item_differences(a, b):
+    """Per item both Results share (matched by id): +1 where only b is right, -1 where only a is, else 0."""
+    right_a = {r.id: r.correct for r in a.records}
+    return [int(r.correct) - int(right_a[r.id]) for r in b.records if r.id in right_a]
+
+
 def paired_difference(a, b, z=Z95):
     """Accuracy of b minus accuracy of a over the items both Results share (matched by id), with a
     normal-approximation 95% interval of the mean per-item difference. Returns (diff, lo, hi, n)."""
-    right_a = {r.id: r.correct for r in a.records}
-    diffs = [int(r.correct) - int(right_a[r.id]) for r in b.records if r.id in right_a]
+    diffs = item_differences(a, b)
     n = len(diffs)
     if n == 0:
         raise ValueError("the two results share no items")
@@ -183,10 +188,8 @@ def exact_sign_test(a, b):
     (losses), and the two-sided p-value of so uneven a split if either were as likely. Returns
     (wins, losses, p). With few discordant items the normal interval of paired_difference is too
     narrow: 4 wins and 0 losses of 500 give +0.80 (+0.02 to +1.58), which excludes 0, yet p = 0.125."""
-    right_a = {r.id: bool(r.correct) for r in a.records}
-    pairs = [(right_a[r.id], bool(r.correct)) for r in b.records if r.id in right_a]
-    wins = sum(rb and not ra for ra, rb in pairs)
-    losses = sum(ra and not rb for ra, rb in pairs)
+    diffs = item_differences(a, b)
+    wins, losses = diffs.count(1), diffs.count(-1)
     n = wins + losses
     p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n) if n else 1.0
     return wins, losses, p
