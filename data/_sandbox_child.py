@@ -64,7 +64,10 @@ def set_limits(limits):
                         ("RLIMIT_NPROC", limits["processes"]), ("RLIMIT_CORE", 0)]:
         # RLIMIT_NPROC counts all processes of the user and does not bind root at all, hence the
         # audit hook and the guard below also forbid creating processes.
-        resource.setrlimit(getattr(resource, name), (value, value))
+        # The CPU limit's hard value is one second above the soft one: at the soft limit the kernel
+        # sends SIGXCPU (which run_program reports as a timeout); SIGKILL only if that is caught.
+        hard = value + 1 if name == "RLIMIT_CPU" else value
+        resource.setrlimit(getattr(resource, name), (value, hard))
 
 
 # Refused outright. Processes, signals and sockets as before; then what would let a program reach

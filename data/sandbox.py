@@ -75,7 +75,7 @@ MODES = ("namespaces", "guard")
 @dataclass(frozen=True)
 class Limits:
     timeout_s: float = 15.0     # wall clock (the slowest canonical MBPP solution, 123, needs 5 s)
-    cpu_s: int = 15             # CPU seconds (SIGXCPU)
+    cpu_s: int = 15             # CPU seconds (SIGXCPU, reported as a timeout)
     memory_mb: int = 1024       # address space (MemoryError)
     output_kb: int = 1024       # size of any file written, stdout and stderr included (EFBIG)
     open_files: int = 64
@@ -87,7 +87,7 @@ class Limits:
 @dataclass(frozen=True)
 class RunResult:
     passed: bool
-    status: str                 # "passed", "failed" (raised / exited early), "timeout", "killed" (a signal)
+    status: str                 # "passed", "failed" (raised, exited early), "timeout" (wall or CPU), "killed"
     returncode: int             # negative: the signal that killed it (also in namespace mode)
     stdout: str                 # the first `keep` characters
     stderr: str
@@ -183,6 +183,9 @@ def run_program(source, limits=Limits(), keep=4000, mode=None, guard=True):
     if mode == "namespaces" and returncode > 128:
         returncode = 128 - returncode            # the init shell's 128 + N: killed by signal N
     passed = completed and returncode == 0 and not timed_out
+    # Out of time either way: the wall clock ran out, or its CPU seconds did (SIGXCPU, whichever
+    # comes first: a busy loop under equal limits may use its CPU seconds before the wall clock's).
+    timed_out = timed_out or returncode == -signal.SIGXCPU
     status = ("passed" if passed else "timeout" if timed_out else "killed" if returncode < 0 else "failed")
     return RunResult(passed, status, returncode, stdout[:keep], stderr[-keep:], seconds)
 

@@ -10,6 +10,7 @@ are skipped, with the reason, where namespaces cannot be made; CI runs as root, 
 import inspect
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -78,6 +79,18 @@ def test_hostile_programs_fail_and_the_harness_survives(name, mode):
     assert len(result.stdout) <= 4000 and len(result.stderr) <= 4000             # output capped
     if name in ("infinite loop", "sleeps forever"):
         assert result.status == "timeout"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_cpu_limit_binds_before_the_wall_clock_and_counts_as_a_timeout(mode):
+    # A busy loop under a 1 s CPU limit and a 30 s wall clock: SIGXCPU ends it, not the wall clock.
+    result = run_program(HOSTILE["infinite loop"], Limits(timeout_s=30, cpu_s=1), mode=mode)
+    assert (result.passed, result.status, result.returncode) == (False, "timeout", -signal.SIGXCPU)
+    assert result.seconds < 15
+    # A program that catches SIGXCPU is killed one CPU second later: SIGKILL, not a timeout.
+    stubborn = "import signal\nsignal.signal(signal.SIGXCPU, lambda *a: None)\nwhile True:\n    pass"
+    result = run_program(stubborn, Limits(timeout_s=30, cpu_s=1), mode=mode)
+    assert (result.passed, result.status, result.returncode) == (False, "killed", -signal.SIGKILL)
 
 
 # A second interpreter has no audit hook; this one loads the module past `sys.modules[name] = None`.
