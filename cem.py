@@ -5,15 +5,17 @@ alpha of  z' = sum_k alpha_k z_k  (svf.SVF.mix) that answer those examples best.
 rows, one search per task (then see adapt.py's docstring for the evaluation):
 
     E="experts/arc.safetensors experts/gsm8k.safetensors experts/mbpp.safetensors"
-    python cem.py --task arc_challenge --experts $E    # -> experts/fewshot-arc_challenge.safetensors
-    python cem.py --task math500 --experts $E
-    python cem.py --task humaneval --experts $E
+    # the shipped mixes, experts/fewshot-<task>.safetensors (the defaults, 32 x 50, take hours here):
+    python cem.py --task arc_challenge --experts $E --population 16 --generations 5
+    python cem.py --task math500 --experts $E --population 10 --generations 3
+    python cem.py --task humaneval --experts $E --population 10 --generations 3
     python cem.py --task arc_challenge --experts $E --per-matrix --out experts/fewshot-arc_challenge-pm.safetensors
     python adapt.py --strategy fewshot --task arc_challenge   # evaluates the mix on the test split minus the shots
 
 Each search scores population x generations mixes (32 x 50 by default) on the shots: a recomposition
 of W' and a greedy generation for the shots per mix, about 12 s on one CPU core for the default model
-and 10 ARC shots (16 x 5 took 971 s; 32 x 50 would take 5.4 hours), so `--population` and
+and 10 ARC shots (16 x 5 took 971 s; 32 x 50 would take 5.4 hours; HumanEval's and MATH-500's
+longer answers cost 79 and 100 s a member, and their shipped mixes are 10 x 3), so `--population` and
 `--generations` trade time for search, and the search prints
 what a member and a generation cost. It keeps its state and every member's alpha, fitness and shot
 outputs in --run-dir (runs/cem-<task>), so `--resume` continues an interrupted search, or extends a
