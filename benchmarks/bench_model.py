@@ -41,6 +41,18 @@ def seconds(fn):
     return time.process_time() - t0
 
 
+def decode_rate(run, batch, new_tokens=32):
+    """Tokens per CPU second of decoding alone, and what run(new_tokens + 1) returned. run(n) generates
+    n tokens for each of `batch` rows; the difference of an (n + 1)- and a 1-token generation is n
+    decode steps, without the prefill."""
+    t0 = time.process_time()
+    run(1)
+    t1 = time.process_time()
+    out = run(new_tokens + 1)
+    t2 = time.process_time()
+    return batch * new_tokens / ((t2 - t1) - (t1 - t0)), out
+
+
 def cpu_name():
     """The CPU's model name and whether it has native bfloat16 (AMX, AVX-512-BF16), from lscpu."""
     try:
@@ -121,10 +133,8 @@ def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), prompt_len=512, n
             with torch.inference_mode():
                 record("prefill, 512 tokens", c.name, prompt_len / seconds(lambda: c.prefill(prompt)))
                 for batch in batches:
-                    # the difference of a (new_tokens + 1)- and a 1-token generation is new_tokens decode steps
-                    t1 = seconds(lambda: c.generate([short] * batch, 1))
-                    t_all = seconds(lambda: c.generate([short] * batch, new_tokens + 1))
-                    record(f"decode, batch {batch}, {new_tokens} tokens", c.name, batch * new_tokens / (t_all - t1))
+                    rate, _ = decode_rate(lambda n: c.generate([short] * batch, n), batch, new_tokens)
+                    record(f"decode, batch {batch}, {new_tokens} tokens", c.name, rate)
                     if batch == 1:
                         # tokens/s at which the weights could stream: reads per second of as many bytes
                         record("bandwidth limit", "mv", 1 / seconds(lambda: torch.mv(matrix, ones)))

@@ -20,15 +20,13 @@ otherwise.
 """
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 
 import torch
 
 import model as M
-from benchmarks.bench_model import cpu_name
+from benchmarks.bench_model import cpu_name, decode_rate, seconds
 from generate import generate
 
 SOURCE = r"""
@@ -63,17 +61,14 @@ torch::Tensor gemv_bf16(torch::Tensor W, torch::Tensor x) {
     yv[o] = torch::dot(W[o].to(torch::kFloat), x.to(torch::kFloat)).item<float>();
   return y;
 }
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16); }
 """
 
 
-def _load(source):
+def build():
     """Compiles SOURCE (torch.utils.cpp_extension, cached under ~/.cache/torch_extensions)."""
-    from torch.utils.cpp_extension import load
-    path = os.path.join(tempfile.mkdtemp(prefix="t2-gemv-"), "gemv_bf16.cpp")
-    with open(path, "w") as f:
-        f.write(source)
-    return load("t2_gemv_bf16", [path], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"])
+    from torch.utils.cpp_extension import load_inline
+    return load_inline("t2_gemv_bf16", SOURCE, functions=["gemv_bf16"],
+                       extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"])
 
 
 def main():
@@ -85,7 +80,7 @@ def main():
     if "avx512_bf16" not in cpu:
         raise SystemExit("this CPU has no avx512_bf16: nothing to measure")
     t0 = time.perf_counter()
-    gemv = _load(SOURCE).gemv_bf16
+    gemv = build().gemv_bf16
     print(f"built the kernel in {time.perf_counter() - t0:.0f} s")
 
     model, _ = M.load_model(dtype=torch.bfloat16)
@@ -110,22 +105,15 @@ def main():
     rows = {}
     for _ in range(args.runs):
         for name, product, matvec in (("torch.mv", torch.mv, plain_matvec), ("kernel", gemv, matvec_gemv)):
-            t0 = time.process_time()
-            for W in weights:
-                product(W, xs[W.shape[1]])
-            rows.setdefault(f"products of one token, {name}", []).append(1 / (time.process_time() - t0))
+            rate = 1 / seconds(lambda: [product(W, xs[W.shape[1]]) for W in weights])
+            rows.setdefault(f"products of one token, {name}", []).append(rate)
             M.matvec = matvec
             with torch.inference_mode():
-                t0 = time.process_time()
-                generate(model, [prompt], 1)
-                t1 = time.process_time()
-                generate(model, [prompt], 33)
-                t2 = time.process_time()
+                rate, _ = decode_rate(lambda n: generate(model, [prompt], n), 1)
             M.matvec = plain_matvec
-            rows.setdefault(f"decode, batch 1, {name}", []).append(32 / ((t2 - t1) - (t1 - t0)))
-        t0 = time.process_time()
-        torch.mv(matrix, ones)
-        rows.setdefault("limit: the weights' bytes at float32 torch.mv's bandwidth", []).append(1 / (time.process_time() - t0))
+            rows.setdefault(f"decode, batch 1, {name}", []).append(rate)
+        rows.setdefault("limit: the weights' bytes at float32 torch.mv's bandwidth", []).append(
+            1 / seconds(lambda: torch.mv(matrix, ones)))
     limit = statistics.median(rows["limit: the weights' bytes at float32 torch.mv's bandwidth"])
     print(f"{len(weights)} matrices, {n_bytes / 1e6:.0f} MB in bfloat16; tokens per CPU second, medians of {args.runs}")
     for row, values in rows.items():

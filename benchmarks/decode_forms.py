@@ -15,37 +15,33 @@ whether the tokens are the same. The variants patch model.py's functions in this
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import model as M
-from benchmarks.bench_model import cpu_name
+from benchmarks.bench_model import cpu_name, decode_rate
 from generate import generate
 
 
-def fused_weight(module, names):
-    """The weights of the linears `names` of `module`, stacked (sum of outputs, in), rebuilt when one
-    of them changes: svf.swap_weights replaces a parameter's tensor, an in-place edit bumps its version."""
+def fused_linear(module, names):
+    """The linears `names` of `module` as one, weights stacked (sum of outputs, in), for model.matvec;
+    rebuilt when one of them changes: svf.swap_weights replaces a parameter's tensor, an in-place
+    edit bumps its version."""
     parts = [getattr(module, n).weight for n in names]
     key = [(p.data_ptr(), p._version) for p in parts]
     cached = module.__dict__.get("_fused")
     if cached is None or cached[0] != key:
-        cached = module.__dict__["_fused"] = (key, torch.cat([p.data for p in parts]))
+        W = torch.cat([p.data for p in parts])
+        linear = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(W, requires_grad=False)
+        cached = module.__dict__["_fused"] = (key, linear)
     return cached[1]
-
-
-def product(W, x):
-    """x (B, in) times W (out, in).T, in model.matvec's forms."""
-    if x.shape[0] == 1:
-        return torch.mv(W, x[0])[None]
-    return (W @ x.T).T.contiguous() if W.dtype == torch.bfloat16 else x @ W.T
 
 
 def fused_attention_decode(self, x, cos, sin, mask, cache, layer):
     B, q_dim, kv_dim = x.shape[0], self.nh * self.hd, self.nkv * self.hd
-    q, k, v = product(fused_weight(self, ("q_proj", "k_proj", "v_proj")), x).split([q_dim, kv_dim, kv_dim], -1)
+    q, k, v = M.matvec(fused_linear(self, ("q_proj", "k_proj", "v_proj")), x).split([q_dim, kv_dim, kv_dim], -1)
     q = M.apply_rope(q.reshape(B, self.nh, self.hd), cos, sin)  # (B, nh, hd)
     k = M.apply_rope(k.reshape(B, self.nkv, self.hd), cos, sin)  # (B, nkv, hd)
     k, v = cache.update(layer, k[:, :, None], v.reshape(B, self.nkv, self.hd)[:, :, None])
@@ -54,7 +50,7 @@ def fused_attention_decode(self, x, cos, sin, mask, cache, layer):
 
 
 def fused_mlp_decode(self, x):
-    gate, up = product(fused_weight(self, ("gate_proj", "up_proj")), x).chunk(2, -1)
+    gate, up = M.matvec(fused_linear(self, ("gate_proj", "up_proj")), x).chunk(2, -1)
     return M.matvec(self.down_proj, F.silu(gate) * up)
 
 
@@ -92,12 +88,8 @@ def main():
                 for name, variant in VARIANTS.items():
                     use(variant)
                     with torch.inference_mode():
-                        t0 = time.process_time()
-                        generate(model, [prompt] * batch, 1)
-                        t1 = time.process_time()
-                        tokens[name] = generate(model, [prompt] * batch, 33)  # 32 decode steps more
-                        t2 = time.process_time()
-                    rates[name].append(batch * 32 / ((t2 - t1) - (t1 - t0)))
+                        rate, tokens[name] = decode_rate(lambda n: generate(model, [prompt] * batch, n), batch)
+                    rates[name].append(rate)
             use(TODAY)
             base = statistics.median(rates["today"])
             cells = [f"{name} {statistics.median(r):.1f} ({statistics.median(r) / base:.2f}x"
