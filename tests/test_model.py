@@ -11,6 +11,7 @@ import safetensors_io
 from generate import generate
 import logprobs
 from logprobs import token_logprobs
+import model as model_module
 from model import KVCache, ModelConfig, left_pad, load_model
 
 KINDS = ["llama", "qwen2", "llama3"]
@@ -136,9 +137,17 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_c
     assert len(together[0]) == 1 and len({len(t) for t in together}) > 1  # the batch did shrink
 
 
+@pytest.fixture(params=["packed", "unpacked"])
+def packing(request, monkeypatch):
+    """Runs a test with model.matvec's packed weights (where this CPU has them) and without."""
+    if request.param == "unpacked":
+        monkeypatch.setattr(model_module, "can_pack", lambda dtype: False)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype):
+def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype, packing):
     """Transformer.decode, generation's fast path, against forward on the same cache."""
     model, config = load_model(tiny_checkpoint(kind), dtype=dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
@@ -156,7 +165,7 @@ def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind):
+def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind, packing):
     """generate's fast path (Transformer.decode) against the plain one (forward), greedy and sampled,
     on a left-padded batch whose rows stop at different times and leave it."""
     model, config = load_model(tiny_checkpoint(kind))
@@ -171,6 +180,34 @@ def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind)
     sampled = [generate(model, prompts, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7),
                         fast=fast_path) for fast_path in (True, False)]
     assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matvec_equals_the_linear_and_repacks_when_the_weight_changes(dtype, bias):
+    """matvec (packed where this CPU can pack) = linear(x) for 1, 3 and 16 rows; the pack is kept
+    while the weight stays, and made again for a swapped-in tensor or an in-place edit."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=bias).to(dtype).requires_grad_(False)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 40).to(dtype)
+        torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    if not model_module.can_pack(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    x = torch.randn(3, 40).to(dtype)
+    first = model_module.packed_weight(linear)
+    assert model_module.packed_weight(linear) is first  # kept: packed once, not once per token
+    other = torch.randn(24, 40).to(dtype)
+    original = linear.weight.data
+    linear.weight.data = other  # what svf.swap_weights does
+    assert model_module.packed_weight(linear) is not first
+    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    linear.weight.data = original
+    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    with torch.no_grad():
+        linear.weight.mul_(-1)  # in place: same address, a new _version
+    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
 
 
 def test_prefill_in_length_groups_fills_the_cache_as_one_batch_does(tiny_checkpoint):
