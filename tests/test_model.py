@@ -11,7 +11,7 @@ import safetensors_io
 from generate import generate
 import logprobs
 from logprobs import token_logprobs
-import model as model_module
+import products
 from model import KVCache, ModelConfig, left_pad, load_model
 
 KINDS = ["llama", "qwen2", "llama3"]
@@ -139,9 +139,9 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(tiny_c
 
 @pytest.fixture(params=["packed", "unpacked"])
 def packing(request, monkeypatch):
-    """Runs a test with model.matvec's packed weights (where this CPU has them) and without."""
+    """Runs a test with products.matvec's packed weights (where this CPU has them) and without."""
     if request.param == "unpacked":
-        monkeypatch.setattr(model_module, "can_pack", lambda dtype: False)
+        monkeypatch.setattr(products, "can_pack", lambda dtype: False)
     return request.param
 
 
@@ -192,22 +192,22 @@ def test_matvec_equals_the_linear_and_repacks_when_the_weight_changes(dtype, bia
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for rows in (1, 3, 16):
         x = torch.randn(rows, 40).to(dtype)
-        torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
-    if not model_module.can_pack(dtype):
+        torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
+    if not products.can_pack(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
     x = torch.randn(3, 40).to(dtype)
-    first = model_module.packed_weight(linear)
-    assert model_module.packed_weight(linear) is first  # kept: packed once, not once per token
+    first = products.packed_weight(linear)
+    assert products.packed_weight(linear) is first  # kept: packed once, not once per token
     other = torch.randn(24, 40).to(dtype)
     original = linear.weight.data
     linear.weight.data = other  # what svf.swap_weights does
-    assert model_module.packed_weight(linear) is not first
-    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    assert products.packed_weight(linear) is not first
+    torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
     linear.weight.data = original
-    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
     with torch.no_grad():
         linear.weight.mul_(-1)  # in place: same address, a new _version
-    torch.testing.assert_close(model_module.matvec(linear, x), linear(x), **tol)
+    torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
 
 
 def test_prefill_in_length_groups_fills_the_cache_as_one_batch_does(tiny_checkpoint):
