@@ -66,11 +66,50 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
         return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        p, idx = probs.sort(dim=-1, descending=True)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
-        p = p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, idx, p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = nucleus(probs, top_p)
+    return draw(probs, generator)
+
+
+def nucleus(probs, top_p):
+    """probs (B, V) with every token outside the row's nucleus set to 0: the nucleus is the smallest
+    set of most probable tokens whose mass reaches top_p.
+
+    The candidates are the k most probable tokens (topk, descending), k growing fourfold until each
+    row's candidates hold more than top_p: 0.2 ms a row for 64 candidates against 4 ms for sorting
+    all 49152 (RESULTS.md, "Speed"). nucleus_by_sort is the plain reference."""
+    V = probs.shape[-1]
+    k = min(64, V)
+    while True:
+        p, idx = probs.topk(k, dim=-1)  # (B, k), descending
+        mass = p.cumsum(-1)  # (B, k)
+        if k == V or bool((mass[:, -1] > top_p).all()):  # the (k+1)-th token is out of every nucleus
+            break
+        k = min(4 * k, V)
+    keep = mass - p <= top_p  # a token is in while the mass before it has not reached top_p
+    return torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+
+
+def nucleus_by_sort(probs, top_p):
+    """nucleus's plain reference: all V tokens sorted, the same rule."""
+    p, idx = probs.sort(dim=-1, descending=True)
+    keep = p.cumsum(-1) - p <= top_p
+    return torch.zeros_like(probs).scatter_(-1, idx, p * keep)
+
+
+def draw(probs, generator=None):
+    """One token per row of probs (B, V), token i with probability probs[i] / sum(probs): inverse
+    transform sampling, the first token whose running sum exceeds u * sum for a uniform u in [0, 1).
+
+    torch.multinomial draws from the same distribution, but on the CPU it draws one exponential
+    variate per token of the vocabulary: 1.3 ms a row, 20 ms a step at 16 rows, a third of a
+    decoding step (RESULTS.md, "Speed"). This is one uniform number and a running sum per row,
+    0.1 ms. In float32 the running sum of a 49152-way softmax is within 4e-8 of float64's, so no
+    token's chance moves by more than that; a token of probability 0 is never drawn."""
+    cdf = probs.cumsum(-1)  # (B, V), nondecreasing
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(total.shape, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below total, even after rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first i with cdf[i] > u: probs[i] > 0
 
 
 @torch.inference_mode()

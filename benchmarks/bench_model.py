@@ -2,6 +2,7 @@
 bandwidth limit of batch-1 decoding; optionally side by side with Hugging Face transformers.
 
     python -m benchmarks.bench_model [--model DIR] [--runs 3] [--dtypes float32 bfloat16] [--compare-hf]
+                                     [--batches 1 16 64] [--sampled 16]
 
 Every number is the median of --runs runs, and the contenders take turns within each run, so that
 a machine whose speed drifts (other jobs, a shared core) favours none of them. Times are CPU time of
@@ -12,7 +13,8 @@ bandwidth next to each decode run on a float32 buffer as large as the weights, w
 caches the weights do (an L3 of hundreds of MiB may hold a good part of them), read two ways: by
 torch.sum (this benchmark's measure before issue 15) and by a matrix-vector product (torch.mv, a
 (n/1024, 1024) view times a vector). Either can be the faster on a given run; the limit is the
-faster one's rate, the stricter ceiling.
+faster one's rate, the stricter ceiling. Decoding is greedy at --batches and sampled at --sampled
+(temperature 0.8 over the whole vocabulary, as the code and math recipes' rollouts are drawn).
 
 --compare-hf needs `transformers`, which is no dependency of this project; install it apart, e.g.
 `pip install --target /tmp/hf transformers` and PYTHONPATH=/tmp/hf. It loads the same checkpoint
@@ -77,8 +79,8 @@ class Ours:
     def prefill(self, ids):
         self.model(ids, logits_from=-1)
 
-    def generate(self, prompts, n):  # no stop tokens: every row makes exactly n tokens
-        generate(self.model, prompts, n)
+    def generate(self, prompts, n, temperature=0.0):  # no stop tokens: every row makes exactly n tokens
+        generate(self.model, prompts, n, temperature, generator=torch.Generator().manual_seed(0))
 
     def logits(self, ids, last):
         return self.model(ids, logits_from=-last)
@@ -95,16 +97,18 @@ class HF:
     def prefill(self, ids):
         self.model(ids, use_cache=False, logits_to_keep=1)
 
-    def generate(self, prompts, n):
+    def generate(self, prompts, n, temperature=0.0):
         ids = torch.tensor(prompts)  # the benchmark's prompts are all of one length: no padding
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+            dict(do_sample=False)  # top_k=0: the whole vocabulary, as ours samples it
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
+                            pad_token_id=0, **sampling)
 
     def logits(self, ids, last):
         return self.model(ids, use_cache=False, logits_to_keep=last).logits
 
 
-def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), prompt_len=512, new_tokens=32):
+def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), sampled=(16,), prompt_len=512, new_tokens=32):
     """{row: {contender: value}} for one dtype; rows of tokens per second, and the bandwidth limit."""
     g = torch.Generator().manual_seed(0)
     vocab = contenders[0].model.config.vocab_size
@@ -139,6 +143,9 @@ def bench(contenders, runs, weight_bytes, batches=(1, 16, 64), prompt_len=512, n
                         # tokens/s at which the weights could stream: reads per second of as many bytes
                         record("bandwidth limit", "mv", 1 / seconds(lambda: torch.mv(matrix, ones)))
                         record("bandwidth limit", "sum", 1 / seconds(buffer.sum))
+                for batch in sampled:  # the code and math recipes' rollouts: temperature 0.8, no top-p
+                    rate, _ = decode_rate(lambda n: c.generate([short] * batch, n, 0.8), batch, new_tokens)
+                    record(f"decode, batch {batch}, {new_tokens} tokens, sampled at T 0.8", c.name, rate)
             row = "forward + backward, (8, 384), logits of the last 256"
             record(row, c.name, 8 * 384 / seconds(lambda: fwd_bwd(c)))
     return {row: {who: statistics.median(v) for who, v in by.items()} for row, by in times.items()}
@@ -149,7 +156,8 @@ def main():
     ap.add_argument("--model", default=None, help="checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64], help="decode batch sizes")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64], help="decode batch sizes, greedy")
+    ap.add_argument("--sampled", nargs="*", type=int, default=[16], help="decode batch sizes, sampled")
     ap.add_argument("--compare-hf", action="store_true", help="time Hugging Face transformers alongside")
     args = ap.parse_args()
     path = checkpoints.resolve_model(args.model)
@@ -160,7 +168,7 @@ def main():
         contenders = [Ours(path, dtype)] + ([HF(path, dtype)] if args.compare_hf else [])
         # each decoded token reads every weight once; the tied embedding is read as the output head
         weight_bytes = sum(p.numel() * p.element_size() for p in contenders[0].model.parameters())
-        res = bench(contenders, args.runs, weight_bytes, args.batches)
+        res = bench(contenders, args.runs, weight_bytes, args.batches, args.sampled)
         names = [c.name for c in contenders]
         hf = f", transformers {contenders[1].version}" if args.compare_hf else ""
         print(f"\n{name}: weights {weight_bytes / 2**20:.0f} MiB{hf}; tokens per CPU second, medians of {args.runs}")

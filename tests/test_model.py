@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import safetensors_io
-from generate import generate
+from generate import draw, generate, nucleus, nucleus_by_sort
 import logprobs
 from logprobs import token_logprobs
 import products
@@ -176,7 +176,7 @@ def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind,
     fast = generate(model, prompts, 12, stop_tokens=stops, pad_id=0)
     assert fast == generate(model, prompts, 12, stop_tokens=stops, pad_id=0, fast=False)
     assert len({len(t) for t in fast}) > 1  # the batch did shrink
-    assert generate(model, prompts[1:2], 12) == generate(model, prompts[1:2], 12, fast=False)  # one row: torch.mv
+    assert generate(model, prompts[1:2], 12) == generate(model, prompts[1:2], 12, fast=False)  # one row
     sampled = [generate(model, prompts, 12, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(7),
                         fast=fast_path) for fast_path in (True, False)]
     assert sampled[0] == sampled[1]
@@ -258,6 +258,38 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_checkpoint):
     assert run(0) == run(0)
     assert run(0) != run(1)  # 12 tokens from a 97-word vocabulary at temperature 1
     assert run(5, top_p=1e-6) == generate(model, [[1, 2, 3]], 12)
+
+
+def test_draw_follows_the_distribution_as_multinomial_does_and_never_draws_a_zero():
+    """draw (inverse transform sampling) against torch.multinomial, the plain reference: both draw
+    each token at its probability, none of probability 0, the same for the same seed."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.05, 0.0],  # zeros inside and at the end
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],  # one token
+                          [5e-4, 0.125, 0.0, 0.125, 0.125, 0.1245]])  # rows 2 and 3 unnormalised
+    n = 100_000
+    rows = probs.repeat_interleave(n, 0)  # (3n, 6)
+    fast = draw(rows, torch.Generator().manual_seed(0)).view(3, n)
+    plain = torch.multinomial(rows, 1, generator=torch.Generator().manual_seed(0)).view(3, n)
+    want = probs / probs.sum(1, keepdim=True)
+    for tokens in (fast, plain):
+        freq = torch.stack([torch.bincount(t, minlength=6) for t in tokens]) / n
+        assert (freq[want == 0] == 0).all()
+        torch.testing.assert_close(freq, want, atol=6e-3, rtol=0)  # about 4 standard errors
+    assert torch.equal(draw(rows, torch.Generator().manual_seed(3)), draw(rows, torch.Generator().manual_seed(3)))
+    assert not torch.equal(draw(rows, torch.Generator().manual_seed(3)), draw(rows, torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("V", [10, 300, 5000])
+def test_nucleus_from_topk_candidates_equals_the_full_sort(V):
+    """nucleus (top-k candidates, grown until they hold the nucleus) = nucleus_by_sort, from peaked
+    rows (nucleus of a few tokens) to flat ones (nucleus of thousands, k grown several times)."""
+    g = torch.Generator().manual_seed(V)
+    for scale in (8.0, 2.0, 0.3, 0.01):
+        probs = torch.softmax(torch.randn(6, V, generator=g, dtype=torch.float64) * scale, -1).float()
+        for top_p in (1e-6, 0.3, 0.9, 0.999):
+            fast, plain = nucleus(probs, top_p), nucleus_by_sort(probs, top_p)
+            assert torch.equal(fast, plain), (scale, top_p)
+            assert ((fast > 0).sum(1) >= 1).all()
 
 
 def test_token_logprobs_match_log_softmax_and_have_gradients(tiny_checkpoint):
