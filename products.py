@@ -1,26 +1,30 @@
-"""The matrix products of decoding: linear(x) for the few rows x of one new token per sequence.
+"""The matrix products of decoding: linear(x) and attention for the few rows x of one new token per
+sequence.
 
 Decoding reads every weight once per token for a handful of rows, so the form of the product
 matters more than in prefill or training. `matvec` picks the form measured fastest (RESULTS.md,
 "Speed"); on x86 CPUs it multiplies by weights packed once into oneDNN's blocked layout
-(`packed_weight`). model.py's decode path calls it; forward, the plain reference, does not.
+(`packed_weight`). `attend` is attention for one query per row as two batched products.
+model.py's decode path calls them; forward, the plain reference, does not.
 """
 
 import torch
+import torch.nn.functional as F
 
 
 def matvec(linear, x):
     """linear(x) for the few rows x (B, in) of decoding, in the form the CPU's kernels run fastest.
 
-    Measured on an Intel Xeon with AMX (RESULTS.md, "Speed"): on the CPU, oneDNN's product with the
-    weight packed once into its blocked layout (`packed_weight`) decodes 1.1 to 1.4 times as fast as
-    x @ W.T at 16 and 64 rows, in float32 and bfloat16; for one row in float32, torch.mv is as fast
-    and needs no copy. Without packing (another device, a torch built without oneDNN, bfloat16 on a
-    CPU without its instructions): torch.mv for one row, 1.4 times x @ W.T in bfloat16; in bfloat16
-    W @ x.T for more rows, 1.1 to 1.3 times; in float32 x @ W.T.
+    On the CPU, oneDNN's product with the weight packed once into its blocked layout
+    (`packed_weight`): on an Intel Xeon with AMX it decoded 1.1 to 1.4 times as fast as x @ W.T at
+    16 and 64 rows, in float32 and bfloat16, and as fast as torch.mv at one row in float32; on an AMD
+    EPYC, 1.12 times torch.mv at one row (RESULTS.md, "Speed"). Without packing (another device, a
+    torch built without oneDNN, bfloat16 on a CPU without its instructions): torch.mv for one row,
+    1.4 times x @ W.T in bfloat16; in bfloat16 W @ x.T for more rows, 1.1 to 1.3 times; in float32
+    x @ W.T.
     """
     W = linear.weight
-    if W.device.type == "cpu" and (x.shape[0] > 1 or W.dtype != torch.float32) and can_pack(W.dtype):
+    if W.device.type == "cpu" and can_pack(W.dtype):
         y = torch.ops.mkldnn._linear_pointwise(x, packed_weight(linear), None, "none", [], "")  # (B, out)
     elif x.shape[0] == 1:
         y = torch.mv(W, x[0])[None]  # (1, out)
@@ -65,3 +69,24 @@ def packed_weight(linear):
         packed = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 16)  # a layout for any rows; 16 a hint
         cached = linear.__dict__["_packed"] = (key, W.untyped_storage(), packed)
     return cached[2]
+
+
+def attend(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(hd)) v for one new query per row: q (B, nh, hd), k and v (B, nkv, S, hd),
+    mask (B, 1, 1, S) True where a key may be seen, None for all -> (B, nh, hd).
+
+    Two batched products instead of F.scaled_dot_product_attention, whose CPU kernel is made for
+    many queries: for one, in bfloat16 on an AMD EPYC (AVX-512-BF16, no AMX), it took 7 to 13 times
+    as long (1.0 ms against 0.14 ms a layer at 16 rows and 48 keys), a third of a decoding step;
+    in float32 the two are within 10% (RESULTS.md, "Speed"). GPUs keep SDPA. Grouped-query
+    attention: query head h reads key/value head h // (nh / nkv), as SDPA's enable_gqa does, so the
+    nh / nkv query heads of a group are the rows of one product.
+    """
+    B, nh, hd = q.shape
+    nkv = k.shape[1]
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=nh != nkv)[:, :, 0]
+    scores = (q.view(B, nkv, nh // nkv, hd) @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, nkv, nh/nkv, S)
+    if mask is not None:  # the softmax in float32, as SDPA's kernels compute it
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, nh, hd)

@@ -210,6 +210,23 @@ def test_matvec_equals_the_linear_and_repacks_when_the_weight_changes(dtype, bia
     torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh, nkv", [(4, 4), (6, 2)])
+def test_attend_equals_sdpa_for_one_query(dtype, nh, nkv):
+    """products.attend (two batched products) = F.scaled_dot_product_attention of one query per row,
+    with and without a key mask, for plain and grouped-query heads."""
+    g = torch.Generator().manual_seed(nh)
+    B, S, hd = 3, 11, 16
+    q, k, v = (torch.randn(shape, generator=g).to(dtype) for shape in ((B, nh, hd), (B, nkv, S, hd), (B, nkv, S, hd)))
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.6
+    mask[..., -1] = True  # the new token's own key is always there
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for m in (None, mask):
+        want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=m,
+                                                                enable_gqa=nh != nkv)[:, :, 0]
+        torch.testing.assert_close(products.attend(q, k, v, m), want, **tol)
+
+
 def test_prefill_in_length_groups_fills_the_cache_as_one_batch_does(tiny_checkpoint):
     from generate import length_groups, prefill
     assert length_groups([10, 3, 9, 10, 1]) == [[0, 3, 2], [1], [4]]  # 30 columns for 29 tokens; 3 and 1 alone
