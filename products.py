@@ -71,6 +71,15 @@ def packed_weight(linear):
     return cached[2]
 
 
+def drop_packs(model, names):
+    """Forgets the packs (packed_weight) of the linears whose weights `names` name ("...q_proj.weight").
+    svf.swap_weights calls it when it swaps their weights back: a pack is a copy of the weight it was
+    made from and holds that weight's memory, which would otherwise stay taken until the linear's
+    next pack (a training step's rollouts: the last step's W' and its pack, during the backward)."""
+    for name in names:
+        model.get_submodule(name.rpartition(".")[0]).__dict__.pop("_packed", None)
+
+
 def attend(q, k, v, mask=None):
     """softmax(q k^T / sqrt(hd)) v for one new query per row: q (B, nh, hd), k and v (B, nkv, S, hd),
     mask (B, 1, 1, S) True where a key may be seen, None for all -> (B, nh, hd).

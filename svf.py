@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+import products
 import safetensors_io
 from svd_cache import checkpoint_identity, load_or_decompose, same_checkpoint  # W = U diag(sigma) Vh, cached
 
@@ -159,6 +160,7 @@ def swap_weights(model, weights):
     finally:
         for name, W in originals.items():
             params[name].data = W
+        products.drop_packs(model, originals)  # decoding's copies of W', if it packed them
 
 
 # ----------------------------------------------------------------------------- the SVF wrapper

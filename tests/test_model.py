@@ -210,6 +210,23 @@ def test_matvec_equals_the_linear_and_repacks_when_the_weight_changes(dtype, bia
     torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
 
 
+def test_a_swap_frees_the_packs_of_the_weights_it_swapped_in(tiny_checkpoint):
+    """Packs made under svf.swap_weights (an expert's W') are dropped when the block ends, and the
+    model then decodes as before with its own weights, packed again."""
+    import svf
+    model, _ = load_model(tiny_checkpoint("llama"))
+    prompts = [[5, 6, 7], [8, 9]]
+    before = generate(model, prompts, 6)
+    gate = model.model.layers[0].mlp.gate_proj
+    name = "model.layers.0.mlp.gate_proj.weight"
+    with svf.swap_weights(model, {name: gate.weight * 1.5}):
+        swapped = generate(model, prompts, 6)
+        if products.can_pack(torch.float32):
+            assert gate.__dict__["_packed"][1].data_ptr() == gate.weight.data_ptr()  # W' was packed
+    assert "_packed" not in gate.__dict__
+    assert swapped != before and generate(model, prompts, 6) == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh, nkv", [(4, 4), (6, 2)])
 def test_attend_equals_sdpa_for_one_query(dtype, nh, nkv):
