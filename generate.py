@@ -51,7 +51,7 @@ def prefill(model, ids, mask, cache):
         for i, row_logits in zip(group, model(ids[rows, T - n:], mask[rows, T - n:], part, logits_from=-1)[:, -1]):
             logits[i] = row_logits
         cache.put(rows, T - n, part)
-    cache.length, cache.padded = T, min(lengths) < T
+    cache.length = T
     return torch.stack(logits)  # (B, vocab)
 
 

@@ -155,8 +155,11 @@ class Attention(nn.Module):
         q = apply_rope(matvec(self.q_proj, x).view(B, self.nh, self.hd), cos, sin)  # (B, nh, hd)
         k = apply_rope(matvec(self.k_proj, x).view(B, self.nkv, self.hd), cos, sin)  # (B, nkv, hd)
         v = matvec(self.v_proj, x).view(B, self.nkv, self.hd)  # (B, nkv, hd)
-        k, v = cache.update(layer, k[:, :, None], v[:, :, None])  # (B, nkv, S, hd)
-        y = attend(q, k, v, mask)  # (B, nh, hd)
+        # bfloat16's batched products on the CPU copy a strided operand (a slice of the cache's columns)
+        # first, which costs more than masked columns: they read all the columns; float32's read a slice
+        whole = k.dtype == torch.bfloat16
+        k, v = cache.update(layer, k[:, :, None], v[:, :, None], whole)  # (B, nkv, S or max_len, hd)
+        y = attend(q, k, v, mask[..., :k.shape[2]])  # (B, nh, hd)
         return matvec(self.o_proj, y.view(B, self.nh * self.hd))
 
 
@@ -205,7 +208,7 @@ class KVCache:
     """Keys and values of every layer, preallocated for the whole generation and written in place.
 
     Column c of every row is position c of the left-padded batch; key_mask (B, max_len) marks the
-    columns that hold real tokens, and padded whether any column of a row so far does not.
+    columns that hold real tokens (not padding, not yet written).
     """
 
     def __init__(self, config, batch_size, max_len, dtype, device):
@@ -214,13 +217,15 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # columns filled so far (padding included)
-        self.padded = False
 
-    def update(self, layer, k, v):
-        """Writes the keys and values (B, nkv, T, hd) of T new columns; returns all so far (B, nkv, S, hd)."""
+    def update(self, layer, k, v, whole=False):
+        """Writes the keys and values (B, nkv, T, hd) of T new columns; returns all so far (B, nkv, S, hd),
+        or with whole=True all max_len columns, those not yet written included (key_mask marks them)."""
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
+        if whole:
+            return self.k[layer], self.v[layer]
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def put(self, rows, start, part):
@@ -294,8 +299,6 @@ class Transformer(nn.Module):
 
         mask = None  # None: plain causal attention (SDPA's fast path)
         padded = not bool(key_mask.all())
-        if cache is not None:
-            cache.padded = padded
         if padded or (past > 0 and T > 1):
             S = past + T
             q_pos = torch.arange(past, S, device=input_ids.device)
@@ -317,16 +320,18 @@ class Transformer(nn.Module):
         """Logits (B, vocab) of the token after `tokens` (B,): one new token per row of the cache.
 
         forward's fast twin for generation, the same network on one token per row: no time axis,
-        no causal mask (the new token attends to every real key; padding is masked only if the batch
-        has any), one position per row, and the products as products.py's `matvec` and `attend`:
-        fewer operations per layer than forward's and faster kernels.
+        no causal mask (the new token attends to every real key), one position per row, and the
+        products as products.py's `matvec` and `attend`: fewer operations per layer than forward's,
+        and faster kernels. In bfloat16, attention reads all the cache's preallocated columns, the
+        unwritten ones masked as the padding is, as gpt-fast's static cache does (Attention.decode
+        says why; RESULTS.md, "Speed").
         tests/test_model.py checks that generation gives the same tokens either way.
         """
         S = cache.length + 1
         cache.key_mask[:, cache.length] = True
         positions = cache.key_mask[:, :S].sum(1) - 1  # (B,): real tokens before the new one
         cos, sin = self.rope(positions[:, None], S)  # (B, 1, hd)
-        mask = cache.key_mask[:, None, None, :S] if cache.padded else None  # (B, 1, 1, S)
+        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, max_len): True at the columns of real tokens
         x = self.model.embed_tokens(tokens)  # (B, C)
         for i, layer in enumerate(self.model.layers):
             x = layer.decode(x, cos, sin, mask, cache, i)

@@ -1,6 +1,7 @@
 """Two parts of a decoding step, each in the form model.py uses and the plain form it replaced:
-attention of one query per row (products.attend against F.scaled_dot_product_attention) and drawing
-the next tokens (generate.draw against torch.multinomial, generate.nucleus against a full sort).
+attention of one query per row (products.attend against F.scaled_dot_product_attention; on all of
+the cache's columns, masked, against a slice of the written ones) and drawing the next tokens
+(generate.draw against torch.multinomial, generate.nucleus against a full sort).
 
     python -m benchmarks.decode_parts [--runs 5] [--batches 1 16 64] [--keys 48 400]
 
@@ -64,6 +65,18 @@ def main():
                 res = race({"sdpa": lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True),
                             "attend": lambda: attend(q, k, v)}, args.runs, 50)
                 row(f"{str(dtype)[6:]}, batch {B}, {S} keys", res)
+
+    print("\n| attention on a cache of max_len columns, S written (ms a layer) | a slice of S | all, masked | slice / all |"
+          "\n|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        for B in args.batches:
+            for S, max_len in ((32, 48), (250, 400)):  # halfway through an ARC and an MBPP rollout
+                q = torch.randn(B, 9, 64, generator=g).to(dtype)
+                K, V = (torch.randn(B, 3, max_len, 64, generator=g).to(dtype) for _ in range(2))
+                mask = (torch.arange(max_len) < S).expand(B, 1, 1, max_len)
+                res = race({"slice": lambda: attend(q, K[:, :, :S], V[:, :, :S]),
+                            "whole": lambda: attend(q, K, V, mask)}, args.runs, 50)
+                row(f"{str(dtype)[6:]}, batch {B}, S {S} of {max_len}", res)
 
     print("\n| drawing the next tokens (ms a step) | plain | ours | plain / ours |\n|---|---|---|---|")
     for B in args.batches:
