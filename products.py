@@ -63,7 +63,10 @@ def packed_weight(linear):
     _version) changes the key and the weight is packed again.
     """
     W = linear.weight
-    key = (W.data_ptr(), W._version, W.shape, W.stride(), W.dtype)
+    # A tensor made under torch.inference_mode (a model loaded there) keeps no version counter, and
+    # only code inside inference_mode can edit it in place; such an edit is not seen here.
+    version = -1 if W.is_inference() else W._version
+    key = (W.data_ptr(), version, W.shape, W.stride(), W.dtype)
     cached = linear.__dict__.get("_packed")
     if cached is None or cached[0] != key:
         packed = torch.ops.mkldnn._reorder_linear_weight(W.detach(), 16)  # a layout for any rows; 16 a hint

@@ -210,6 +210,16 @@ def test_matvec_equals_the_linear_and_repacks_when_the_weight_changes(dtype, bia
     torch.testing.assert_close(products.matvec(linear, x), linear(x), **tol)
 
 
+def test_a_model_loaded_under_inference_mode_decodes_as_forward(tiny_checkpoint):
+    """Its weights are inference tensors, which have no version counter for the pack's key."""
+    with torch.inference_mode():
+        model, _ = load_model(tiny_checkpoint("llama"))
+        assert model.lm_head.weight.is_inference()
+        prompts = [[5, 6, 7], [8, 9]]
+        assert generate(model, prompts, 6) == generate(model, prompts, 6, fast=False)
+        assert generate(model, prompts[:1], 6) == generate(model, prompts[:1], 6, fast=False)
+
+
 def test_a_swap_frees_the_packs_of_the_weights_it_swapped_in(tiny_checkpoint):
     """Packs made under svf.swap_weights (an expert's W') are dropped when the block ends, and the
     model then decodes as before with its own weights, packed again."""
