@@ -169,8 +169,11 @@ def test_the_kl_term_is_per_answer_averaged_over_the_batch(setup):
     logp, logp_base = torch.log_softmax(logits, -1), torch.log_softmax(base, -1)
     kl_sum, n = ((logp.exp() * (logp - logp_base)).sum(-1) * mask).sum(), mask.sum()
     assert kl_sum > 0 and n == 10
-    assert loss == pytest.approx(0.1 * kl_sum.item() / 2, rel=1e-4)      # lambda * sum / B
-    assert kl_per_token == pytest.approx(kl_sum.item() / 10, rel=1e-4)   # what the log shows
+    # A KL this small (3.5e-4) is a difference of nearly equal log-probabilities in float32: the two
+    # computations agree to about 1e-4 relative, depending on the thread count's summation order.
+    # The defect was a factor of L (4 to 6) off.
+    assert loss == pytest.approx(0.1 * kl_sum.item() / 2, rel=1e-3)      # lambda * sum / B
+    assert kl_per_token == pytest.approx(kl_sum.item() / 10, rel=1e-3)   # what the log shows
 
 
 def test_rollouts_with_zero_advantage_are_skipped_and_the_gradient_is_the_same(setup, monkeypatch):
