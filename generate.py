@@ -101,7 +101,7 @@ def draw(probs, generator=None):
     transform sampling, the first token whose running sum exceeds u * sum for a uniform u in [0, 1).
 
     torch.multinomial draws from the same distribution, but on the CPU it draws one exponential
-    variate per token of the vocabulary: 1.3 ms a row, 20 ms a step at 16 rows, a third of a
+    variate per token of the vocabulary: 1 ms a row, 17 ms a step at 16 rows, a fifth of a
     decoding step (RESULTS.md, "Speed"). This is one uniform number and a running sum per row,
     0.1 ms. In float32 the running sum of a 49152-way softmax is within 4e-8 of float64's, so no
     token's chance moves by more than that; a token of probability 0 is never drawn."""

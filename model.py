@@ -155,11 +155,9 @@ class Attention(nn.Module):
         q = apply_rope(matvec(self.q_proj, x).view(B, self.nh, self.hd), cos, sin)  # (B, nh, hd)
         k = apply_rope(matvec(self.k_proj, x).view(B, self.nkv, self.hd), cos, sin)  # (B, nkv, hd)
         v = matvec(self.v_proj, x).view(B, self.nkv, self.hd)  # (B, nkv, hd)
-        # bfloat16's batched products on the CPU copy a strided operand (a slice of the cache's columns)
-        # first, which costs more than masked columns: they read all the columns; float32's read a slice
-        whole = k.dtype == torch.bfloat16
-        k, v = cache.update(layer, k[:, :, None], v[:, :, None], whole)  # (B, nkv, S or max_len, hd)
-        y = attend(q, k, v, mask[..., :k.shape[2]])  # (B, nh, hd)
+        # the columns the mask covers (Transformer.decode chooses them): (B, nkv, n, hd)
+        k, v = cache.update(layer, k[:, :, None], v[:, :, None], columns=mask.shape[-1])
+        y = attend(q, k, v, mask)  # (B, nh, hd)
         return matvec(self.o_proj, y.view(B, self.nh * self.hd))
 
 
@@ -218,15 +216,15 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # columns filled so far (padding included)
 
-    def update(self, layer, k, v, whole=False):
-        """Writes the keys and values (B, nkv, T, hd) of T new columns; returns all so far (B, nkv, S, hd),
-        or with whole=True all max_len columns, those not yet written included (key_mask marks them)."""
+    def update(self, layer, k, v, columns=None):
+        """Writes the keys and values (B, nkv, T, hd) of T new columns; returns the first `columns`
+        columns (B, nkv, columns, hd), by default all written so far; more include unwritten ones,
+        which key_mask marks False."""
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        if whole:
-            return self.k[layer], self.v[layer]
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        n = columns or end
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def put(self, rows, start, part):
         """Copies the filled columns of `part`, a cache of len(rows) rows, into rows `rows` (a LongTensor)
@@ -323,15 +321,18 @@ class Transformer(nn.Module):
         no causal mask (the new token attends to every real key), one position per row, and the
         products as products.py's `matvec` and `attend`: fewer operations per layer than forward's,
         and faster kernels. In bfloat16, attention reads all the cache's preallocated columns, the
-        unwritten ones masked as the padding is, as gpt-fast's static cache does (Attention.decode
-        says why; RESULTS.md, "Speed").
+        unwritten ones masked as the padding is, as gpt-fast's static cache does (below; RESULTS.md,
+        "Speed").
         tests/test_model.py checks that generation gives the same tokens either way.
         """
         S = cache.length + 1
         cache.key_mask[:, cache.length] = True
         positions = cache.key_mask[:, :S].sum(1) - 1  # (B,): real tokens before the new one
         cos, sin = self.rope(positions[:, None], S)  # (B, 1, hd)
-        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, max_len): True at the columns of real tokens
+        # bfloat16's batched products on the CPU copy a strided operand (a slice of the cache's columns)
+        # first, which costs more than masked columns: they read all max_len columns, float32's the S
+        n = cache.key_mask.shape[1] if cache.k[0].dtype == torch.bfloat16 else S
+        mask = cache.key_mask[:, None, None, :n]  # (B, 1, 1, n): True at the columns of real tokens
         x = self.model.embed_tokens(tokens)  # (B, C)
         for i, layer in enumerate(self.model.layers):
             x = layer.decode(x, cos, sin, mask, cache, i)

@@ -88,9 +88,9 @@ def attend(q, k, v, mask=None):
     mask (B, 1, 1, S) True where a key may be seen, None for all -> (B, nh, hd).
 
     Two batched products instead of F.scaled_dot_product_attention, whose CPU kernel is made for
-    many queries: for one, in bfloat16 on an AMD EPYC (AVX-512-BF16, no AMX), it took 7 to 13 times
-    as long (1.0 ms against 0.14 ms a layer at 16 rows and 48 keys), a third of a decoding step;
-    in float32 the two are within 10% (RESULTS.md, "Speed"). GPUs keep SDPA. Grouped-query
+    many queries: for one, in bfloat16 on an AMD EPYC (AVX-512-BF16, no AMX), it took 6 to 18 times
+    as long at 16 and 64 rows (0.86 ms against 0.12 ms a layer at 16 rows and 48 keys), 29% of a
+    decoding step; in float32 the two are within a factor 0.6 to 1.5 (RESULTS.md, "Speed"). GPUs keep SDPA. Grouped-query
     attention: query head h reads key/value head h // (nh / nkv), as SDPA's enable_gqa does, so the
     nh / nkv query heads of a group are the rows of one product.
     """
