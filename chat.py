@@ -11,6 +11,7 @@ it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.p
 """
 
 import argparse
+import warnings
 
 import torch
 
@@ -18,6 +19,7 @@ import checkpoints
 from data import add_data_dir_argument, get_task
 from generate import generate
 from model import load_model
+from products import native_bfloat16
 from tokenizer import Tokenizer
 
 # Generation budget per task: enough for the prompt formats in data/ (a letter and the option's
@@ -106,6 +108,11 @@ def load(args):
     """(model, tokenizer, model_dir) from the shared flags, the model on --device."""
     path = checkpoints.resolve_model(args.model)
     device = resolve_device(getattr(args, "device", "auto"))
+    if args.dtype == "bfloat16" and device.type == "cpu" and not native_bfloat16():
+        warnings.warn("--dtype bfloat16 on a CPU without native bfloat16 (AVX-512-BF16 or AMX): its matrix "
+                      "products fall back to generic loops, and on an AVX2-only CPU prefill ran 6.6 times, "
+                      "decoding 16 to 64 rows 4 to 7 times and a forward and backward 12 times slower "
+                      "than in float32 (RESULTS.md, \"Speed\"); --dtype float32 is the faster here", stacklevel=2)
     model, _ = load_model(path, dtype=getattr(torch, args.dtype), device=device)
     if device.type == "cuda":
         print(f"model on {device} ({torch.cuda.get_device_name(device)}), {args.dtype}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import safetensors_io
-from products import attend, matvec  # decoding's products, in the forms the CPU runs fastest
+from products import attend, attends_whole_cache, matvec  # decoding's products, in the forms the CPU runs fastest
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -320,18 +320,18 @@ class Transformer(nn.Module):
         forward's fast twin for generation, the same network on one token per row: no time axis,
         no causal mask (the new token attends to every real key), one position per row, and the
         products as products.py's `matvec` and `attend`: fewer operations per layer than forward's,
-        and faster kernels. In bfloat16, attention reads all the cache's preallocated columns, the
-        unwritten ones masked as the padding is, as gpt-fast's static cache does (below; RESULTS.md,
-        "Speed").
+        and faster kernels. In bfloat16 with native kernels, attention reads all the cache's
+        preallocated columns, the unwritten ones masked as the padding is, as gpt-fast's static cache
+        does (products.attends_whole_cache; RESULTS.md, "Speed").
         tests/test_model.py checks that generation gives the same tokens either way.
         """
         S = cache.length + 1
         cache.key_mask[:, cache.length] = True
         positions = cache.key_mask[:, :S].sum(1) - 1  # (B,): real tokens before the new one
         cos, sin = self.rope(positions[:, None], S)  # (B, 1, hd)
-        # bfloat16's batched products on the CPU copy a strided operand (a slice of the cache's columns)
-        # first, which costs more than masked columns: they read all max_len columns, float32's the S
-        n = cache.key_mask.shape[1] if cache.k[0].dtype == torch.bfloat16 else S
+        # all max_len columns, masked, where a strided slice of them would cost a copy (native bfloat16
+        # on a CPU); else the S written ones
+        n = cache.key_mask.shape[1] if attends_whole_cache(cache.k[0]) else S
         mask = cache.key_mask[:, None, None, :n]  # (B, 1, 1, n): True at the columns of real tokens
         x = self.model.embed_tokens(tokens)  # (B, C)
         for i, layer in enumerate(self.model.layers):

@@ -20,16 +20,14 @@ def matvec(linear, x):
     16 and 64 rows, in float32 and bfloat16, and as fast as torch.mv at one row in float32; on an AMD
     EPYC, 1.12 times torch.mv at one row (RESULTS.md, "Speed"). Without packing (another device, a
     torch built without oneDNN, bfloat16 on a CPU without its instructions): torch.mv for one row,
-    1.4 times x @ W.T in bfloat16; in bfloat16 W @ x.T for more rows, 1.1 to 1.3 times; in float32
-    x @ W.T.
+    else linear(x). (W @ x.T, once 1.1 to 1.3 times x @ W.T in bfloat16 on the Xeon before packing,
+    was 0.93 times it on the CPUs that now take this branch, an AMD EPYC with AVX2 only.)
     """
     W = linear.weight
     if W.device.type == "cpu" and can_pack(W.dtype):
         y = torch.ops.mkldnn._linear_pointwise(x, packed_weight(linear), None, "none", [], "")  # (B, out)
     elif x.shape[0] == 1:
         y = torch.mv(W, x[0])[None]  # (1, out)
-    elif W.dtype == torch.bfloat16:
-        y = (W @ x.T).T.contiguous()  # (B, out)
     else:
         return linear(x)
     return y if linear.bias is None else y + linear.bias
@@ -50,6 +48,15 @@ def can_pack(dtype):
         except (RuntimeError, AttributeError):
             _CAN_PACK[dtype] = False
     return _CAN_PACK[dtype]
+
+
+def native_bfloat16():
+    """Whether this CPU runs bfloat16 matrix products in oneDNN's kernels (AVX-512-BF16, AMX,
+    AVX-NE-CONVERT). Without them (an AVX2-only CPU) torch falls back to generic loops: on an AMD
+    EPYC with AVX2 only, the default model's 211 products took 4 to 7 times as long in bfloat16 as
+    in float32 at 16 and 64 rows, a 512-token prefill 6.6 times and a forward and backward 12 times
+    (RESULTS.md, "Speed"); one row, bound by reading the weights, was 1.5 times faster."""
+    return can_pack(torch.bfloat16)
 
 
 def packed_weight(linear):
@@ -81,6 +88,21 @@ def drop_packs(model, names):
     next pack (a training step's rollouts: the last step's W' and its pack, during the backward)."""
     for name in names:
         model.get_submodule(name.rpartition(".")[0]).__dict__.pop("_packed", None)
+
+
+def attends_whole_cache(k):
+    """Whether decoding's attention should read all of a static cache's columns, the unwritten ones
+    masked (gpt-fast's way), rather than a slice of the written ones, for a cache of tensors like k.
+
+    A slice of a preallocated cache is strided. oneDNN's bfloat16 batched products (a CPU with native
+    bfloat16) copy such an operand first, which cost more than the masked columns: on an AMD EPYC
+    with AVX-512-BF16 the slice took 1.2 to 1.4 times as long. In float32, and in bfloat16 without
+    native kernels (AVX2 only), the slice is the faster, 1.1 to 2 times (RESULTS.md, "Speed"). GPUs
+    read the whole cache in bfloat16, as gpt-fast does (not measured here).
+    """
+    if k.dtype != torch.bfloat16:
+        return False
+    return k.device.type != "cpu" or native_bfloat16()
 
 
 def attend(q, k, v, mask=None):

@@ -129,6 +129,25 @@ def test_device_flag_resolves_and_refuses_what_the_machine_lacks():
         ap.parse_args(["--device", "gpu0"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_without_native_kernels_is_warned_of(tiny_checkpoint, monkeypatch, native):
+    """chat.load, which every script loads through: bfloat16 on a CPU whose products fall back to
+    generic loops (no AVX-512-BF16 or AMX) says that float32 is the faster; nothing else is warned of."""
+    import warnings
+    monkeypatch.setattr(chat, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(chat.Tokenizer, "from_dir", lambda path: None)  # the tiny checkpoint has no tokenizer
+    path = tiny_checkpoint("llama")
+    for dtype in ("float32", "bfloat16"):
+        args = argparse.Namespace(model=str(path), dtype=dtype, device="cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, _, _ = chat.load(args)
+        assert model.lm_head.weight.dtype == getattr(torch, dtype)  # loaded either way
+        said = [str(w.message) for w in caught if "native bfloat16" in str(w.message)]
+        assert len(said) == (dtype == "bfloat16" and not native)
+        assert all("--dtype float32 is the faster" in s for s in said)
+
+
 def test_factors_follow_the_models_dtype_and_their_memory_is_said(setup, capsys):
     model, _, path = setup
     model.to(torch.bfloat16)

@@ -145,9 +145,21 @@ def packing(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["cache as this CPU reads it", "whole cache", "written columns"])
+def cache_width(request, monkeypatch):
+    """Runs a test with decoding's attention reading the columns products.attends_whole_cache picks for
+    this CPU, then all of the cache's columns (masked), then a slice of the written ones, so that both
+    widths are tested on every CPU whatever it picks."""
+    import model as model_module
+    if request.param != "cache as this CPU reads it":
+        whole = request.param == "whole cache"
+        monkeypatch.setattr(model_module, "attends_whole_cache", lambda k: whole)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype, packing):
+def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype, packing, cache_width):
     """Transformer.decode, generation's fast path, against forward on the same cache."""
     model, config = load_model(tiny_checkpoint(kind), dtype=dtype)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
@@ -165,7 +177,7 @@ def test_decode_gives_the_logits_of_forward(tiny_checkpoint, kind, dtype, packin
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind, packing):
+def test_fast_decoding_gives_the_tokens_of_the_plain_path(tiny_checkpoint, kind, packing, cache_width):
     """generate's fast path (Transformer.decode) against the plain one (forward), greedy and sampled,
     on a left-padded batch whose rows stop at different times and leave it."""
     model, config = load_model(tiny_checkpoint(kind))
