@@ -97,7 +97,7 @@ def attends_whole_cache(k):
     A slice of a preallocated cache is strided. oneDNN's bfloat16 batched products (a CPU with native
     bfloat16) copy such an operand first, which cost more than the masked columns: on an AMD EPYC
     with AVX-512-BF16 the slice took 1.2 to 1.4 times as long. In float32, and in bfloat16 without
-    native kernels (AVX2 only), the slice is the faster, 1.1 to 2 times (RESULTS.md, "Speed"). GPUs
+    native kernels (AVX2 only), the slice is the faster, 1.1 to 1.8 times (RESULTS.md, "Speed"). GPUs
     read the whole cache in bfloat16, as gpt-fast does (not measured here).
     """
     if k.dtype != torch.bfloat16:
