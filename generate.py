@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from model import KVCache, left_pad, load_model
+from model import KVCache, left_pad
 
 
 PREFILL_PADDING = 0.1  # prompts are prefilled together while padding is at most this share of their tokens
@@ -148,8 +148,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
 
 
 def main():
-    import checkpoints
-    from tokenizer import Tokenizer
     ap = argparse.ArgumentParser(description="Chat with a Llama-family checkpoint.")
     ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--prompt", default="What is the capital of France?")
@@ -161,10 +159,9 @@ def main():
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args()
 
-    from chat import resolve_device  # chat imports this module: imported here, where it is needed
-    device = resolve_device(args.device)
-    model, _ = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    tok = Tokenizer.from_dir(checkpoints.resolve_model(args.model))
+    from chat import load  # chat imports this module: imported here, where it is needed
+    model, tok, _ = load(args)  # as every script loads (a warning where bfloat16 would be slow)
+    device = model.lm_head.weight.device
     prompt = tok.chat([{"role": "user", "content": args.prompt}])
     t0 = time.perf_counter()
     new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
