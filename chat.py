@@ -48,16 +48,20 @@ class Completer:
             return self.tok.chat(messages[:-1]) + self.tok.encode(messages[-1]["content"])
         return self.tok.chat(messages)
 
-    def generate_ids(self, prompts):
-        """prompts: list of token lists -> list of generated token lists (stop token excluded)."""
+    def generate_ids(self, prompts, samples=1, keep_stop=False):
+        """prompts: list of token lists -> list of generated token lists (stop token excluded unless
+        `keep_stop`). `samples` K: K answers to each prompt, prompt after prompt, from one prefill
+        per prompt (generate.generate); batches then hold batch_size // K prompts, batch_size answers."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        out = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        out = [None] * (len(prompts) * samples)
+        per_batch = max(self.batch_size // samples, 1)
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
             new = generate(self.model, [prompts[i] for i in idx], self.max_new_tokens, self.temperature,
-                           self.top_p, self.tok.stop_tokens, self.tok.pad_id, self.generator)
-            for i, ids in zip(idx, new):
-                out[i] = ids
+                           self.top_p, self.tok.stop_tokens, self.tok.pad_id, self.generator,
+                           samples=samples, keep_stop=keep_stop)
+            for j, ids in enumerate(new):
+                out[idx[j // samples] * samples + j % samples] = ids
         return out
 
     def __call__(self, message_lists):

@@ -114,10 +114,13 @@ def draw(probs, generator=None):
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_tokens=(),
-             pad_id=0, generator=None, fast=True):
+             pad_id=0, generator=None, fast=True, samples=1, keep_stop=False):
     """Batched generation with a KV cache. prompts: list of token lists.
 
-    Returns the new tokens of each prompt, up to and excluding the first stop token.
+    Returns the new tokens of each prompt, up to and excluding the first stop token (`keep_stop`:
+    including it, where the answer stopped; REINFORCE scores the decision to stop as any other token).
+    `samples` K > 1: K answers to each prompt, prompt after prompt (K * len(prompts) lists), from one
+    prefill per prompt whose cache rows are then copied K times; sampling draws each row apart.
     """
     device = model.inv_freq.device
     ids, mask = left_pad(prompts, pad_id, device)
@@ -128,15 +131,20 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
                          f"{window}, which this implementation does not apply")
     cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
     stop = set(stop_tokens)
-    rows = list(range(B))  # which prompt each row of the shrinking batch belongs to
-    out = [[] for _ in range(B)]
     logits = prefill(model, ids, mask, cache)
+    if samples > 1:  # one prefill per prompt: its cache rows and next-token logits, K times each
+        copies = torch.arange(B, device=device).repeat_interleave(samples)  # (B * K,): 0, 0, .., 1, 1, ..
+        cache.keep(copies)
+        logits, B = logits[copies], B * samples
+    rows = list(range(B))  # which answer each row of the shrinking batch belongs to
+    out = [[] for _ in range(B)]
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, generator)  # (b,) for the b rows still generating
         tokens = nxt.tolist()
         going = [i for i, t in enumerate(tokens) if t not in stop]
-        for i in going:
-            out[rows[i]].append(tokens[i])
+        for i, t in enumerate(tokens):
+            if t not in stop or keep_stop:
+                out[rows[i]].append(t)
         if not going:
             break
         if len(going) < len(rows):  # finished rows leave the batch, so the long answers decode alone

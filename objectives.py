@@ -31,31 +31,63 @@ import torch
 from logprobs import token_logprobs
 
 
-def backward_through_weights(wrapper, model, run, weights=None):
-    """Calls run(forward), which runs the micro-batches' forward and backward passes with
+def backward_through_weights(wrapper, model, runs, weights=None):
+    """Calls each run(forward) of `runs`, which runs micro-batches' forward and backward passes with
     `forward(ids, mask, **kw)`, and carries their gradient to the wrapper's parameters.
-    Returns (run's result, t_backward, t_recomp).
+    Returns (the runs' results, the cosine between the first two runs' gradients of the parameters
+    or None, t_backward, t_recomp).
 
     The adapted weights W' (`weights`, from wrapper.weights(), when the caller has them: reinforce.py
     makes them once per step, for the rollouts and this) keep their graph to the parameters and
-    are cut off as leaves: each micro-batch's backward stops at W' and adds into W'.grad, and one
-    final backward carries the sum through the recomposition (SVF) or W + (alpha/r) B A (LoRA) to
+    are cut off as leaves: each micro-batch's backward stops at W' and adds into W'.grad, and a
+    backward per run carries its sum through the recomposition (SVF) or W + (alpha/r) B A (LoRA) to
     the parameters. This bounds memory by the micro-batch and forms W' only once per step.
+
+    Two runs (the two halves of a batch) give two independent estimates of the same gradient: their
+    cosine says whether a step is signal (near 1) or noise (near 0). It costs one more backward
+    through the recomposition; the gradient is their sum, as from one run.
     """
     t0 = time.perf_counter()
     weights = wrapper.weights() if weights is None else weights  # {name: W'} with a graph back to the parameters
     leaves = {k: w.detach().requires_grad_() for k, w in weights.items()}
+    params = list(wrapper.parameters())
     t_recomp = time.perf_counter() - t0
 
     def forward(ids, mask, **kwargs):
         return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
-    t0 = time.perf_counter()
-    result = run(forward)
-    t_backward = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    torch.autograd.backward(list(weights.values()), [leaves[k].grad for k in weights])
-    return result, t_backward, t_recomp + time.perf_counter() - t0
+    results, grads, t_backward = [], [], 0.0
+    for i, run in enumerate(runs):
+        t0 = time.perf_counter()
+        results.append(run(forward))
+        t_backward += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        names = [k for k in weights if leaves[k].grad is not None]  # a run of no rows adds nothing
+        g = torch.autograd.grad([weights[k] for k in names], params, [leaves[k].grad for k in names],
+                                retain_graph=i < len(runs) - 1, allow_unused=True) if names else [None] * len(params)
+        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+        for leaf in leaves.values():
+            leaf.grad = None
+        t_recomp += time.perf_counter() - t0
+    for p, *parts in zip(params, *grads):
+        p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
+    return results, gradient_cosine(*grads[:2]) if len(grads) > 1 else None, t_backward, t_recomp
+
+
+def gradient_cosine(a, b):
+    """Cosine between two gradients given as lists of tensors (all parameters as one vector); None
+    where either is zero (a half of a batch whose rollouts all had advantage 0)."""
+    dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    na = sum(x.double().pow(2).sum() for x in a).sqrt()
+    nb = sum(y.double().pow(2).sum() for y in b).sqrt()
+    return (dot / (na * nb)).item() if na > 0 and nb > 0 else None
+
+
+def halves(n, group=1):
+    """The two halves of a batch of n rows in groups of `group` consecutive rows (a question's K
+    samples), split between groups: (range, range), or one range where there is one group only."""
+    mid = (n // group) // 2 * group
+    return (range(0, mid), range(mid, n)) if mid > 0 else (range(0, n),)
 
 
 # Micro-batches of more (padded) tokens than this recompute their layers' activations in the backward
@@ -92,7 +124,9 @@ def advantages(rewards, baseline=False, samples=1, device="cpu"):
 
 
 def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True, weights=None):
-    """Accumulates the gradient of the loss into the expert's parameters; returns (loss, kl, t_backward, t_recomp).
+    """Accumulates the gradient of the loss into the expert's parameters; returns a dict: loss, kl,
+    grad_cos (the cosine between the gradients of the batch's two halves, split between questions),
+    backward_s, recompose_s.
 
     loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
     advantages: the paper's eq. 1 for a batch of B answers, KL per whole answer (summed over its
@@ -106,35 +140,39 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     advantage = advantages(rewards, cfg.baseline, cfg.samples, device=model.inv_freq.device)
     B = len(prompts)
     nonzero = (advantage != 0).tolist()  # one read from the device, not one per rollout
-    rows = [i for i in range(B) if cfg.kl > 0 or not skip_zero or nonzero[i]]
-    if not rows:
+    parts = [[i for i in half if cfg.kl > 0 or not skip_zero or nonzero[i]] for half in halves(B, cfg.samples)]
+    if not any(parts):
         # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
         # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
         for p in wrapper.parameters():
             p.grad = torch.zeros_like(p)
-        return 0.0, 0.0, 0.0, 0.0
-    rows.sort(key=lambda i: len(prompts[i]) + len(completions[i]))  # micro-batches of similar lengths
-    prompts, completions, advantage = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
+        return dict(loss=0.0, kl=0.0, grad_cos=None, backward_s=0.0, recompose_s=0.0)
     # Sampled rollouts come from softmax(logits / T): score them under that distribution (on-policy).
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
 
-    def run(forward):
-        total_loss, kl_sum, kl_count = 0.0, 0.0, 0
-        for sl, checkpoint in micro_batches(prompts, completions, cfg.micro_batch):
-            logp, mask, *kl = token_logprobs(model, prompts[sl], completions[sl], pad_id, forward,  # kl: [(b, L)]
-                                             temperature=temperature, kl=cfg.kl > 0, checkpoint=checkpoint)
-            loss = -(logp.sum(1) * advantage[sl]).sum() / B
-            if kl:  # KL(pi_W' || pi_W) at each generated token, over the whole vocabulary
-                kl = kl[0].sum()
-                kl_sum, kl_count = kl_sum + kl.item(), kl_count + mask.sum().item()
-                loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
-            check_finite(loss)
-            loss.backward()
-            total_loss += loss.item()
-        return total_loss, kl_sum / max(kl_count, 1)
+    def part(rows):
+        rows = sorted(rows, key=lambda i: len(prompts[i]) + len(completions[i]))  # micro-batches of similar lengths
+        ps, cs, adv = [prompts[i] for i in rows], [completions[i] for i in rows], advantage[rows]
 
-    (loss, kl), t_backward, t_recomp = backward_through_weights(wrapper, model, run, weights)
-    return loss, kl, t_backward, t_recomp
+        def run(forward):
+            total_loss, kl_sum, kl_count = 0.0, 0.0, 0
+            for sl, checkpoint in micro_batches(ps, cs, cfg.micro_batch):
+                logp, mask, *kl = token_logprobs(model, ps[sl], cs[sl], pad_id, forward,  # kl: [(b, L)]
+                                                 temperature=temperature, kl=cfg.kl > 0, checkpoint=checkpoint)
+                loss = -(logp.sum(1) * adv[sl]).sum() / B
+                if kl:  # KL(pi_W' || pi_W) at each generated token, over the whole vocabulary
+                    kl = kl[0].sum()
+                    kl_sum, kl_count = kl_sum + kl.item(), kl_count + mask.sum().item()
+                    loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
+                check_finite(loss)
+                loss.backward()
+                total_loss += loss.item()
+            return total_loss, kl_sum, kl_count
+        return run
+
+    results, cos, t_backward, t_recomp = backward_through_weights(wrapper, model, [part(r) for r in parts], weights)
+    loss, kl_sum, kl_count = (sum(x) for x in zip(*results))
+    return dict(loss=loss, kl=kl_sum / max(kl_count, 1), grad_cos=cos, backward_s=t_backward, recompose_s=t_recomp)
 
 
 # ----------------------------------------------------------------------------- nll: next-token prediction
@@ -160,20 +198,26 @@ def reference_targets(task, examples, tok):
 
 def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
     """Accumulates the gradient of the mean negative log-likelihood per reference token (module
-    docstring) into the expert's parameters; returns (loss, t_backward, t_recomp)."""
+    docstring) into the expert's parameters; returns a dict: loss, grad_cos (between the batch's
+    two halves, as policy_gradient_step), backward_s, recompose_s."""
     N = sum(len(t) for t in targets)  # every reference token of the batch
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))  # similar lengths
-    prompts, targets = [prompts[i] for i in order], [targets[i] for i in order]
 
-    def run(forward):
-        total = 0.0
-        for sl, checkpoint in micro_batches(prompts, targets, cfg.micro_batch):
-            logp, _ = token_logprobs(model, prompts[sl], targets[sl], pad_id, forward,
-                                     checkpoint=checkpoint)  # (b, L), 0 at padding
-            loss = -logp.sum() / N
-            check_finite(loss)
-            loss.backward()
-            total += loss.item()
-        return total
+    def part(rows):
+        rows = sorted(rows, key=lambda i: len(prompts[i]) + len(targets[i]))  # similar lengths
+        ps, ts = [prompts[i] for i in rows], [targets[i] for i in rows]
 
-    return backward_through_weights(wrapper, model, run)
+        def run(forward):
+            total = 0.0
+            for sl, checkpoint in micro_batches(ps, ts, cfg.micro_batch):
+                logp, _ = token_logprobs(model, ps[sl], ts[sl], pad_id, forward,
+                                         checkpoint=checkpoint)  # (b, L), 0 at padding
+                loss = -logp.sum() / N
+                check_finite(loss)
+                loss.backward()
+                total += loss.item()
+            return total
+        return run
+
+    results, cos, t_backward, t_recomp = backward_through_weights(
+        wrapper, model, [part(h) for h in halves(len(prompts), cfg.samples)])
+    return dict(loss=sum(results), grad_cos=cos, backward_s=t_backward, recompose_s=t_recomp)

@@ -26,10 +26,12 @@ class TrainConfig:
     rank: int = 16  # lora only: the paper's baseline rank
     lora_alpha: float = None  # lora only; None: alpha = rank (Hu et al.), so alpha / rank = 1
     steps: int = 60
-    batch_size: int = 16
+    batch_size: int = 16  # rollouts per step (questions x samples); the official code's is 256
     micro_batch: int = 8  # sequences per forward/backward; gradients are accumulated
+    rollout_batch: int = 64  # rollouts decoded together (and validation items); memory, not results
     lr: float = 2e-3
     kl: float = 0.0  # lambda; the paper sweeps 0, 0.1, 0.2, 0.3
+    wrong_reward: float = -1.0  # reward of a parsable wrong answer; -1 is the paper's +-1 (reinforce.rewards_of)
     baseline: bool = False
     samples: int = 1  # rollouts per question; > 1 needs temperature > 0 (not official)
     temperature: float = 0.0
@@ -38,7 +40,9 @@ class TrainConfig:
     max_new_tokens: int = 0  # 0: per task (chat.MAX_NEW_TOKENS)
     clip: float = 1e-3
     eval_every: int = 10
-    eval_limit: int = 200
+    eval_limit: int = 200  # validation items that choose the step kept (the first ones)
+    heldout: int = 0  # the validation items after those, read at the end only: step 0 against the step kept
+    init: str = None  # an expert file to start from (reinforce.py --init), else the official initial p
     seed: int = 0
 
     def __post_init__(self):

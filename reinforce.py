@@ -58,12 +58,14 @@ import signal
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import torch
 
 import lora
 import svf
 from data import evaluate, get_task
+from data.evaluate import paired_difference
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
 from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, default_names,  # noqa: F401
@@ -117,11 +119,14 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+RESUMABLE_CHANGES = ("steps", "rollout_batch")  # settings a resumed run may change: how long, how fast
+
+
 def check_resumable(saved, cfg, model_dir):
     if saved["model_dir"] != model_dir:
         raise SystemExit(f"--resume: the run used --model {saved['model_dir']}, not {model_dir}")
     diff = {k: (v, getattr(cfg, k)) for k, v in saved["config"].items()
-            if k != "steps" and getattr(cfg, k) != v}
+            if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v}
     if diff:
         raise SystemExit("--resume: these flags differ from the interrupted run (saved, given): "
                          + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in diff.items())
@@ -153,28 +158,72 @@ def plot(log_path, out_path):
 
 # ----------------------------------------------------------------------------- training
 
-def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, cfg):
-    """One RL step's work before the optimizer: greedy (or sampled) rollouts with the current
-    expert, rewards +1/-1 from the task's scorer, the policy gradient. Returns the step's log row."""
+def rewards_of(task, batch, outputs, wrong_reward=-1.0):
+    """(correct, rewards): the task's strict scorer judges right; the reward is +1 for a right answer,
+    `wrong_reward` for a wrong one that the task can parse (ARC: exactly one option named), -1 for
+    one it cannot (no option, or several: a list never scores). wrong_reward -1 is the paper's +-1.
+
+    Not the paper's (when above -1): at 135M, 40% of ARC answers name no option at all, and +-1 makes
+    that cost as much as a wrong guess; a graded reward pays a little for committing to one option,
+    and keeps a list at the bottom, where it cannot become a loophole (RESULTS.md, "the scorer loophole")."""
+    correct = task.score_many(batch, outputs)
+    if wrong_reward == -1.0:
+        return correct, [1.0 if c else -1.0 for c in correct]
+    parsed = [task.extract(out, ex) is not None for ex, out in zip(batch, outputs)]
+    return correct, [1.0 if c else wrong_reward if p else -1.0 for c, p in zip(correct, parsed)]
+
+
+def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg):
+    """One RL step's work before the optimizer: the rollouts of `batch` (each question's K copies in a
+    row) with the current expert, their rewards (rewards_of), the policy gradient. Returns the step's log row.
+
+    A question's K samples share one prefill (generate's `samples`). A rollout that stopped keeps its
+    stop token, so log pi includes the decision to stop, as the reference answers of nll_step do."""
+    K = cfg.samples
     t0 = time.perf_counter()
     new_weights = wrapper.weights()  # W' with its graph to the parameters: the rollouts use it, then the update
     t_recomp0 = time.perf_counter() - t0
+    questions = [completer.encode(ex.messages) for ex in batch[::K]]
     with wrapper.applied(weights={k: w.detach() for k, w in new_weights.items()}):
-        completions = completer.generate_ids(prompts)
+        completions = completer.generate_ids(questions, samples=K, keep_stop=True)
     t_rollout = time.perf_counter() - t0 - t_recomp0
-    correct = task.score_many(batch, [tok.decode(c) for c in completions])
-    rewards = [1.0 if c else -1.0 for c in correct]
-    loss, kl, t_backward, t_recomp = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg,
-                                                          tok.pad_id, weights=new_weights)
-    return {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct), "kl": kl, "loss": loss,
-            "rollout_s": t_rollout, "backward_s": t_backward, "recompose_s": t_recomp + t_recomp0,
-            "new_tokens": sum(map(len, completions))}
+    prompts = [q for q in questions for _ in range(K)]
+    stops = tok.stop_tokens
+    outputs = [tok.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
+    correct, rewards = rewards_of(task, batch, outputs, cfg.wrong_reward)
+    step = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id, weights=new_weights)
+    row = {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct),
+           "answered": sum(task.extract(o, ex) is not None for ex, o in zip(batch, outputs)) / len(batch),
+           "kl": step["kl"], "loss": step["loss"], "grad_cos": step["grad_cos"]}
+    if K > 1:  # questions whose K answers did not all score alike: the only ones a group baseline learns from
+        row["mixed"] = sum(len(set(rewards[i:i + K])) > 1 for i in range(0, len(rewards), K))
+    return {**row, "rollout_s": t_rollout, "backward_s": step["backward_s"],
+            "recompose_s": step["recompose_s"] + t_recomp0, "new_tokens": sum(map(len, completions))}
+
+
+def step_batch(task, train_set, step, cfg):
+    """The examples of step `step`: batch_size // samples questions (batch_indices), each K times in
+    a row; with shuffle_options each question's options in one new order, shared by its K copies
+    (a group must compare answers, not option orders), seeded by the step so --resume draws the same."""
+    questions = [train_set[i] for i in batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)]
+    if cfg.shuffle_options:
+        rng = random.Random(cfg.seed * 100003 + step)
+        questions = [task.shuffled(ex, rng) for ex in questions]
+    return [ex for ex in questions for _ in range(cfg.samples)]
 
 
 def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     """Runs cfg.steps steps of cfg.objective on an expert of cfg.method for `task`; returns the best
-    validation result. One loop for every method and objective: only the step's loss differs."""
-    train_set, val_set = task.load("train"), task.load("validation")[:cfg.eval_limit]
+    validation result. One loop for every method and objective: only the step's loss differs.
+
+    Validation: the first cfg.eval_limit validation items choose the step kept (each read paired
+    with step 0's on the same items); the next cfg.heldout items are read only at the end, for
+    step 0 and the step kept: no choice is made on them, so their difference is an honest one."""
+    train_set, validation = task.load("train"), task.load("validation")
+    val_set, heldout_set = validation[:cfg.eval_limit], validation[cfg.eval_limit:cfg.eval_limit + cfg.heldout]
+    if cfg.heldout and len(heldout_set) < cfg.heldout:
+        raise SystemExit(f"--heldout {cfg.heldout}: {task.name} has {len(validation)} validation items, "
+                         f"{cfg.eval_limit} of them for --eval-limit, so at most {len(heldout_set)} are left")
     if cfg.max_difficulty is not None:  # validation stays the whole distribution: it measures the goal
         train_set = [ex for ex in train_set if task.difficulty(ex) <= cfg.max_difficulty]
         print(f"curriculum: {len(train_set)} training questions of difficulty <= {cfg.max_difficulty}")
@@ -182,16 +231,19 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         require_references(task, train_set)
     torch.manual_seed(cfg.seed)
     wrapper = make_wrapper(cfg, model, model_dir)
+    if cfg.init:  # start from another run's expert (e.g. next-token prediction's: the format, then RL)
+        wrapper.load_state(wrapper.load_expert(cfg.init).p)
+        print(f"starting from {cfg.init}")
     n_params = sum(p.numel() for p in wrapper.parameters())
     print(f"{cfg.method} on {cfg.targets}, objective {cfg.objective}: {n_params:,} trainable parameters")
     opt = torch.optim.Adam(wrapper.parameters(), lr=cfg.lr)
     max_new = cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
-    completer = Completer(model, tok, max_new, cfg.temperature, batch_size=cfg.batch_size, seed=cfg.seed)
-    greedy = Completer(model, tok, max_new, 0.0, batch_size=cfg.batch_size)  # validation never samples
+    completer = Completer(model, tok, max_new, cfg.temperature, batch_size=cfg.rollout_batch, seed=cfg.seed)
+    greedy = Completer(model, tok, max_new, 0.0, batch_size=cfg.rollout_batch)  # validation never samples
     os.makedirs(run_dir, exist_ok=True)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
 
-    step, best = 0, {"accuracy": -1.0, "step": -1, "p": None}
+    step, best, step0 = 0, {"accuracy": -1.0, "step": -1, "p": None}, {"p": wrapper.state(), "correct": None}
     if resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no training state at {state_path}; start without --resume")
@@ -204,7 +256,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             raise SystemExit(f"--resume: {run_dir} sampled its rollouts on {sampled_on}, this run is on "
                              f"{completer.generator.device.type}; resume it with --device {sampled_on}")
         completer.generator.set_state(saved["generator"])
-        step, best = saved["step"], saved["best"]
+        step, best, step0 = saved["step"], saved["best"], saved.get("step0", step0)
         # drop log rows of a step that was in progress when the run stopped
         rows = [line for line in open(log_path) if json.loads(line)["step"] <= step] if os.path.exists(log_path) else []
         with open(log_path, "w") as f:
@@ -219,23 +271,53 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def read(examples):
+        with torch.no_grad(), wrapper.applied():
+            return evaluate(task, examples, greedy, batch_size=len(examples), progress=False)
+
+    def expert_info(**extra):
+        return dict(task=task.name, prompt=task.prompt, steps=best["step"], val_accuracy=best["accuracy"],
+                    val_items=len(val_set), trainable_params=n_params, config=dataclasses.asdict(cfg), **extra)
+
     def validate():
         t0 = time.perf_counter()
-        with torch.no_grad(), wrapper.applied():
-            res = evaluate(task, val_set, greedy, batch_size=len(val_set), progress=False)
+        res = read(val_set)
+        correct = [r.correct for r in res.records]
+        if step0["correct"] is None:
+            step0["correct"] = correct
+        diff, lo, hi = paired(step0["correct"], correct)
         print(f"eval step {step} | validation accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) "
-              f"| unparsable {res.unparsable:.1%} | {time.perf_counter() - t0:.1f}s", flush=True)
-        log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable})
+              f"| vs step 0 {diff:+.4f} ({lo:+.4f} to {hi:+.4f}) | unparsable {res.unparsable:.1%} "
+              f"| {time.perf_counter() - t0:.1f}s", flush=True)
+        log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable,
+             "vs_step0": [diff, lo, hi]})
         if res.accuracy > best["accuracy"]:
             best.update(accuracy=res.accuracy, step=step, p=wrapper.state())
-            wrapper.save_expert(out, best["p"], task=task.name, prompt=task.prompt, steps=step, val_accuracy=res.accuracy,
-                                val_items=res.n, trainable_params=n_params, config=dataclasses.asdict(cfg))
+            wrapper.save_expert(out, best["p"], **expert_info())
             print(f"  new best: wrote {out}")
+
+    def read_heldout():
+        """Step 0 and the step kept on the held-out items, paired; written into the expert's info."""
+        t0, now = time.perf_counter(), wrapper.state()
+        results = []
+        for p in (step0["p"], best["p"]):
+            wrapper.load_state(p)
+            results.append([r.correct for r in read(heldout_set).records])
+        wrapper.load_state(now)
+        a, b = (sum(r) / len(r) for r in results)
+        diff, lo, hi = paired(*results)
+        print(f"held out ({len(heldout_set)} validation items no choice was made on): step 0 {a:.4f}, "
+              f"step {best['step']} {b:.4f}, paired {diff:+.4f} ({lo:+.4f} to {hi:+.4f}) | "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
+        log({"kind": "heldout", "step": step, "best_step": best["step"], "step0_accuracy": a, "accuracy": b,
+             "paired": [diff, lo, hi], "items": len(heldout_set)})
+        wrapper.save_expert(out, best["p"], **expert_info(heldout_items=len(heldout_set), heldout_accuracy=b,
+                                                          heldout_step0_accuracy=a, heldout_paired=[diff, lo, hi]))
 
     def save_state():
         atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                           "generator": completer.generator.get_state(), "generator_device": completer.generator.device.type,
-                           "config": dataclasses.asdict(cfg),
+                           "step0": step0, "generator": completer.generator.get_state(),
+                           "generator_device": completer.generator.device.type, "config": dataclasses.asdict(cfg),
                            "model_dir": model_dir}, state_path)
 
     # A kill (SIGTERM) unwinds like Ctrl-C; the state of the last finished step is already on disk.
@@ -244,34 +326,36 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     t_start = time.perf_counter()
     try:
         if not resume:  # a resumed run validated its step 0 before it stopped
-            validate()  # step 0: W' = W up to float error, i.e. the base model's accuracy
+            validate()  # step 0: W' = W up to float error (or --init's expert)
             save_state()
         while step < cfg.steps:
-            questions = batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)
-            batch = [train_set[i] for i in questions for _ in range(cfg.samples)]  # K copies in a row
-            if cfg.shuffle_options:  # seeded by the step, so --resume draws the same orders
-                rng = random.Random(cfg.seed * 100003 + step)
-                batch = [task.shuffled(ex, rng) for ex in batch]
-            prompts = [completer.encode(ex.messages) for ex in batch]
+            batch = step_batch(task, train_set, step, cfg)
             opt.zero_grad(set_to_none=True)
             if cfg.objective == "nll":  # the reference answers are the targets: no rollouts
+                prompts = [completer.encode(ex.messages) for ex in batch]
                 targets = reference_targets(task, batch, tok)
-                loss, t_backward, t_recomp = nll_step(wrapper, model, prompts, targets, cfg, tok.pad_id)
-                row = {"loss": loss, "tokens": sum(map(len, targets)), "backward_s": t_backward, "recompose_s": t_recomp}
-                shown = f"nll {loss:.4f} | tokens {row['tokens']}"
+                row = nll_step(wrapper, model, prompts, targets, cfg, tok.pad_id)
+                row["tokens"] = sum(map(len, targets))
+                shown = f"nll {row['loss']:.4f} | tokens {row['tokens']}"
             else:
-                row = rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, cfg)
-                shown = f"reward {row['reward']:+.3f} | acc {row['accuracy']:.3f} | kl {row['kl']:.2e}"
+                row = rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg)
+                shown = (f"reward {row['reward']:+.3f} | acc {row['accuracy']:.3f} | answered {row['answered']:.3f}"
+                         + (f" | mixed {row['mixed']}/{len(batch) // cfg.samples}" if "mixed" in row else "")
+                         + f" | kl {row['kl']:.2e}")
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.clip).item()
             opt.step()
             step += 1
             row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm}
             log(row)
+            cos = "n/a" if row["grad_cos"] is None else f"{row['grad_cos']:+.3f}"
             times = " ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in row.items() if k.endswith("_s"))
-            print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | {times}", flush=True)
+            print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | cos(halves) {cos} | {times}",
+                  flush=True)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate()
             save_state()
+        if heldout_set:
+            read_heldout()
     except KeyboardInterrupt:
         print(f"\ninterrupted after step {step}; the state is in {state_path}: continue with --resume")
         sys.exit(130)
@@ -280,6 +364,13 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
           f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; {n_params:,} trainable parameters; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return best
+
+
+def paired(a, b):
+    """b's accuracy minus a's over the same items (lists of bools), with its 95% interval: (diff, lo, hi)."""
+    records = lambda c: SimpleNamespace(records=[SimpleNamespace(id=i, correct=x) for i, x in enumerate(c)])  # noqa: E731
+    diff, lo, hi, _ = paired_difference(records(a), records(b))
+    return diff, lo, hi
 
 
 def main(argv=None):
@@ -302,8 +393,13 @@ def main(argv=None):
     ap.add_argument("--lora-alpha", type=float, default=None, help="lora: alpha, W' = W + (alpha/r) B A (default: r)")
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps {recipe_default}")
     ap.add_argument("--micro-batch", type=int, default=None, help=f"sequences per backward (default: {d.micro_batch})")
+    ap.add_argument("--rollout-batch", type=int, default=None,
+                    help=f"rollouts decoded together, and validation items (default: {d.rollout_batch})")
     ap.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {d.lr}, official)")
     ap.add_argument("--kl", type=float, default=None, help=f"KL coefficient lambda (default: {d.kl}, official)")
+    ap.add_argument("--wrong-reward", type=float, default=None,
+                    help="reward of a wrong answer the task can parse (one ARC option); -1 (default) is the "
+                         "paper's +1/-1, between -1 and 0 a graded reward that pays for answering (not official)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                     help="subtract the mean reward of the batch, or of each question's samples (not official)")
     ap.add_argument("--samples", type=int, default=None,
@@ -317,6 +413,10 @@ def main(argv=None):
     ap.add_argument("--clip", type=float, default=None, help=f"gradient-norm clip (default: {d.clip}, official)")
     ap.add_argument("--eval-every", type=int, default=None, help=f"steps between validations (default: {d.eval_every})")
     ap.add_argument("--eval-limit", type=int, default=None, help=f"validation items used {recipe_default}")
+    ap.add_argument("--heldout", type=int, default=None,
+                    help="validation items after --eval-limit's, read only at the end for step 0 and the step kept")
+    ap.add_argument("--init", default=None, help="an expert file of this method and targets to start from "
+                    "(e.g. a run of --objective nll), instead of the official initial p")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--out", default=None, help="expert file (default: experts/<task>.safetensors, arc for ARC-Easy; "
                     "<run dir>.safetensors where the settings are not the recipe of an expert in experts/)")
@@ -325,8 +425,13 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.steps < 1 or cfg.eval_every < 1 or cfg.micro_batch < 1 or cfg.eval_limit < 1:
-        ap.error("--steps, --eval-every, --micro-batch and --eval-limit must be at least 1")
+    if min(cfg.steps, cfg.eval_every, cfg.micro_batch, cfg.eval_limit, cfg.rollout_batch) < 1 or cfg.heldout < 0:
+        ap.error("--steps, --eval-every, --micro-batch, --rollout-batch and --eval-limit must be at least 1, "
+                 "--heldout at least 0")
+    if not -1.0 <= cfg.wrong_reward <= 0.0:
+        ap.error(f"--wrong-reward must be between -1 (the paper's) and 0; found {cfg.wrong_reward}")
+    if cfg.init is not None and not os.path.isfile(cfg.init):
+        ap.error(f"--init {cfg.init}: no such expert file")
     if cfg.kl < 0 or cfg.temperature < 0 or cfg.lr <= 0:
         ap.error("--kl and --temperature must be >= 0 and --lr > 0")
     if cfg.samples < 1 or cfg.batch_size % cfg.samples:

@@ -21,6 +21,7 @@ running to the end).
 import argparse
 import contextlib
 import importlib
+import inspect
 import os
 import random
 import statistics
@@ -86,9 +87,12 @@ class Contender:
         """train()'s step before the optimizer's: returns its log row, with the whole step's time."""
         self.wrapper.zero_grad(set_to_none=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        prompts = [self.completer.encode(ex.messages) for ex in batch]
-        row = self.w["reinforce"].rollouts_and_gradient(self.wrapper, self.model, self.tok, self.completer,
-                                                        self.task, batch, prompts, self.cfg)
+        step = self.w["reinforce"].rollouts_and_gradient
+        if "prompts" in inspect.signature(step).parameters:  # an older tree's signature
+            prompts = [self.completer.encode(ex.messages) for ex in batch]
+            row = step(self.wrapper, self.model, self.tok, self.completer, self.task, batch, prompts, self.cfg)
+        else:
+            row = step(self.wrapper, self.model, self.tok, self.completer, self.task, batch, self.cfg)
         return dict(row, step_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
 
 

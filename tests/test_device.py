@@ -74,8 +74,7 @@ def test_one_reinforce_step_makes_its_tensors_on_the_models_device(setup, tmp_pa
     task = LowByteTask()
     batch = task.load("train")[:8]
     completer = Completer(model, tok, 2, cfg.temperature, batch_size=8)
-    prompts = [completer.encode(ex.messages) for ex in batch]
-    row = reinforce.rollouts_and_gradient(wrapper, model, tok, completer, task, batch, prompts, cfg)
+    row = reinforce.rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg)
     assert set(row) >= {"reward", "loss", "kl"}
     grads = [p.grad for p in wrapper.parameters()]
     assert all(g is not None and g.device.type == "cpu" and torch.isfinite(g).all() for g in grads)

@@ -95,7 +95,7 @@ def test_nll_takes_the_mean_over_every_reference_token_of_the_batch(setup):
     for micro in (1, 8):  # micro-batches add up to the same loss and gradient
         for p in wrapper.parameters():
             p.grad = None
-        loss, _, _ = objectives.nll_step(wrapper, model, prompts, targets, config(micro_batch=micro), 256)
+        loss = objectives.nll_step(wrapper, model, prompts, targets, config(micro_batch=micro), 256)["loss"]
         grads.append([p.grad.clone() for p in wrapper.parameters()])
     with torch.no_grad():
         logp, mask = token_logprobs(model, prompts, targets, 256, lambda ids, m, **kw: wrapper(ids, m, **kw))

@@ -159,8 +159,8 @@ def test_the_kl_term_is_per_answer_averaged_over_the_batch(setup):
         wrapper.p[0][:5] = -3.0
     prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [8, 9, 10, 11, 12, 13]]
     cfg = config(baseline=True, kl=0.1)
-    loss, kl_per_token, _, _ = reinforce.policy_gradient_step(wrapper, model, prompts, completions,
-                                                              [1.0, 1.0], cfg, 256)  # advantages 0: KL alone
+    step = reinforce.policy_gradient_step(wrapper, model, prompts, completions, [1.0, 1.0], cfg, 256)  # KL alone
+    loss, kl_per_token = step["loss"], step["kl"]
     forward = lambda ids, mask, **kw: wrapper(ids, mask, **kw)
     # the plain reference: KL(pi_W' || pi_W) from the whole logits of both models
     _, mask, logits = token_logprobs(model, prompts, completions, 256, forward, return_logits=True)
@@ -355,7 +355,8 @@ def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup,
     before = [p.detach().clone() for p in wrapper.parameters()]
     opt.zero_grad(set_to_none=True)
     monkeypatch.setattr(objectives, "token_logprobs", lambda *a, **k: pytest.fail("ran a forward pass"))
-    assert reinforce.policy_gradient_step(wrapper, model, prompts, completions, [-1.0, -1.0], cfg, 256) == (0, 0, 0, 0)
+    step = reinforce.policy_gradient_step(wrapper, model, prompts, completions, [-1.0, -1.0], cfg, 256)
+    assert step["loss"] == step["backward_s"] == 0 and step["grad_cos"] is None
     assert all(p.grad is not None and not p.grad.any() for p in wrapper.parameters())
     opt.step()
     assert any(not torch.equal(p, b) for p, b in zip(wrapper.parameters(), before))
