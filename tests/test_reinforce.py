@@ -240,7 +240,7 @@ def test_validation_is_greedy_when_rollouts_sample(setup, tmp_path):
 def test_group_baseline_compares_rollouts_of_the_same_question():
     r = [1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0]                 # two questions, 4 rollouts each
     assert reinforce.advantages(r).tolist() == r                      # official: the raw reward
-    assert reinforce.advantages(r, baseline=True).tolist() == [0.75] + [-1.25] * 3 + [0.75] * 4  # mean 0.25
+    assert reinforce.advantages(r, baseline=True).tolist() == [1.5] + [-0.5] * 3 + [0.0] * 4  # each half's mean
     assert reinforce.advantages(r, baseline=True, samples=4).tolist() == [1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0]
 
 
@@ -350,8 +350,8 @@ def test_a_batch_of_equal_rewards_skips_the_backward_but_adam_still_steps(setup,
     opt = torch.optim.Adam(wrapper.parameters(), lr=0.1)
     cfg = config(baseline=True)
     prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10]]
-    reinforce.policy_gradient_step(wrapper, model, prompts, completions, [1.0, -1.0], cfg, 256)
-    opt.step()                                          # a real step: Adam now has momentum
+    reinforce.policy_gradient_step(wrapper, model, prompts, completions, [1.0, -1.0], config(), 256)
+    opt.step()                                          # a real step (no baseline): Adam now has momentum
     before = [p.detach().clone() for p in wrapper.parameters()]
     opt.zero_grad(set_to_none=True)
     monkeypatch.setattr(objectives, "token_logprobs", lambda *a, **k: pytest.fail("ran a forward pass"))

@@ -179,3 +179,11 @@ def test_the_cli_refuses_a_reward_outside_the_paper_and_zero(capsys):
         reinforce.main(["--task", "arc", "--wrong-reward", "0.5"])
     assert "between -1 (the paper's) and 0" in capsys.readouterr().err
 
+
+
+def test_the_batch_baseline_is_each_halfs_mean_so_the_halves_are_independent():
+    r = [1.0, -1.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0]
+    a = objectives.advantages(r, baseline=True)
+    first, second = objectives.halves(len(r))
+    assert abs(a[first.start:first.stop].sum()) < 1e-6 and abs(a[second.start:second.stop].sum()) < 1e-6
+    assert a.tolist()[:4] == [1.5, -0.5, -0.5, -0.5]
