@@ -32,6 +32,12 @@ bit-exactly); what a switch costs, recomposition and swap in + out, is measured 
 the accuracy (95% interval), the routing confusion matrix (true category of the task vs chosen)
 and the time of each pass (Table 3).
 
+On several GPUs, `torchrun --nproc_per_node N adapt.py --task T ...` (distributed.py) gives each
+process every N-th item; each runs both passes on its share, and the records, choices and routing
+are gathered in item order. Rank 0 alone prints and writes --out; the times of each pass are then
+summed over the N processes (the cost, whose pass-1/pass-2 ratio is Table 3's), and --out records
+world_size.
+
 Nothing leaks: with fewshot, the shots cem.py searched on are removed from the split evaluated;
 --exclude-shots FILE removes them for the other strategies too, so all rows share their items and
 --compare gives item-by-item (paired) differences. Table 2 and 3, one command per cell:
@@ -58,6 +64,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+import distributed
 import svf
 from cem import load_experts, mix_from_file, say
 from lora import load_adapter_for
@@ -220,6 +227,19 @@ def evaluate(adapter, task, examples, completer, split="custom", category=None, 
     return result, confusion, choices
 
 
+def gather(adapter, result, confusion, choices):
+    """(Result, confusion, choices) of every process's share (torchrun), in item order, the same
+    on every process; adapter.timing becomes the sum over the processes, result.wall_s the longest."""
+    choices = distributed.gather_objects(choices)
+    confusion = sum(distributed.gather_objects([confusion]), Counter())
+    timings = distributed.gather_objects([adapter.timing])
+    adapter.timing = {k: sum(t[k] for t in timings) for k in adapter.timing}
+    if result is not None:
+        result.records = distributed.gather_objects(result.records)
+        result.wall_s = max(distributed.gather_objects([result.wall_s]))
+    return result, confusion, choices
+
+
 def report(adapter, confusion, n, log=say):
     """Prints the routing confusion matrix and the time of each pass."""
     t = adapter.timing
@@ -317,19 +337,24 @@ def main(argv=None):
         say(f"left out {len(examples) - len(kept)} items that cem.py used as shots ({', '.join(mixes)})")
         examples = kept
     examples = examples[:args.limit] if args.limit is not None else examples
+    distributed.check_device(args.device)
     model, tok, model_dir = load(args)
     adapter = Adapter(model, tok, model_dir, cfg)
     completer = Completer(model, tok, args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256),
                           batch_size=args.batch_size)
-    result, confusion, choices = evaluate(adapter, task, examples, completer, args.split,
+    mine = [examples[i] for i in distributed.shard(len(examples))]  # all of them in one process
+    result, confusion, choices = evaluate(adapter, task, mine, completer, args.split,
                                           classify_only=args.classify_only)
+    if distributed.world_size() > 1:
+        result, confusion, choices = gather(adapter, result, confusion, choices)
     if result is not None:
         say(f"{args.strategy}: {result.summary()}")
     report(adapter, confusion, len(examples))
     if result is not None and args.compare:
         say(compare_line(args.compare, result))
-    if args.out:  # the Result's fields (pass 2), the routing, and the choice and timings of each item
+    if args.out and distributed.is_main():  # the Result's fields (pass 2), the routing, the choice of each item, timings
         saved = dict(task=task.name, split=args.split, prompt=task.prompt, strategy=args.strategy, timing=adapter.timing,
+                     settings=dict(world_size=distributed.world_size()),
                      confusion=[dict(true=t, chosen=c, n=n) for (t, c), n in sorted(confusion.items())])
         if result is not None:
             saved.update(accuracy=result.accuracy, ci95=result.ci95(), n=result.n,
@@ -343,4 +368,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run(main)

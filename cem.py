@@ -21,6 +21,11 @@ what a member and a generation cost. It keeps its state and every member's alpha
 outputs in --run-dir (runs/cem-<task>), so `--resume` continues an interrupted search, or extends a
 finished one with a larger --generations.
 
+On several GPUs, `torchrun --nproc_per_node N cem.py ...` (distributed.py) shares out the members of
+each generation: every member is scored whole (all shots, one batch) by one process, so its fitness
+is the one a single process gives; the fitnesses are gathered, and every process refits the same
+mean and std. Rank 0 alone prints and writes the state, members.jsonl and the mix.
+
 `cem()` is the method written generically: sample a population from N(mean, std^2), clip it to the
 bounds, score every member, refit mean and std to the best `elite_ratio` of them. Fitness may be a
 tuple, compared lexicographically. Defaults follow the official code (population 32, elite ratio
@@ -59,6 +64,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import distributed
 import lora
 import safetensors_io
 import svf
@@ -104,6 +110,9 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
     member forever; re-evaluated, it has to earn its place in each generation. Ties are won by the
     lower index, so the incumbent keeps its place against an equally good newcomer.
 
+    Under torchrun, each process scores its share of the members (distributed.shard) and all get
+    every fitness (gather_objects): the same generation as in one process, in population order.
+
     Resumable: `on_generation(state)` is called after each generation with everything the search
     needs to go on (generation, mean, std, best, its fitness, the random state, the history), and
     `state` (such a dict) continues from there, up to `generations` in all: so a search can be
@@ -125,11 +134,12 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
         t0 = time.perf_counter()
         pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g, device="cpu"), low, high)  # (P, dim)
         pop[0] = best
-        keys = [_key(fitness_fn(x.clone())) for x in pop]
+        keys = distributed.gather_objects(_key(fitness_fn(pop[i].clone())) for i in distributed.shard(population))
         order = sorted(range(population), key=lambda i: keys[i], reverse=True)  # stable: ties keep index order
         elites = pop[order[:n_elite]]  # (n_elite, dim)
         mean, std = elites.mean(0), elites.std(0, correction=1 if n_elite > 1 else 0)
         best, best_key = pop[order[0]].clone(), keys[order[0]]
+        distributed.check_same(distributed.digest([mean, std, best]), f"the CEM distribution after generation {gen}")
         finite = [k[0] for k in keys if math.isfinite(k[0])]
         row = dict(generation=gen, best=list(best_key), best_x=best.tolist(),
                    population_mean=sum(finite) / max(len(finite), 1), std=std.mean().item(),
@@ -303,11 +313,14 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
         os.makedirs(run_dir, exist_ok=True)
 
         def save(s):  # after each generation: the members it evaluated, then the state to go on from
+            evaluated = distributed.gather_objects(fitness.evaluated)  # every process's members, in order
+            fitness.evaluated.clear()
+            if not distributed.is_main():
+                return
             with open(members_path, "a") as f:
-                for i, (alpha, fit, outputs) in enumerate(fitness.evaluated):
+                for i, (alpha, fit, outputs) in enumerate(evaluated):
                     f.write(json.dumps(dict(generation=s["generation"], member=i, alpha=alpha, fitness=list(fit),
                                             outputs=outputs)) + "\n")
-            fitness.evaluated.clear()
             torch.save(dict(s, config=dataclasses.asdict(cfg), experts=digests), state_path + ".tmp")
             os.replace(state_path + ".tmp", state_path)
     t0 = time.perf_counter()
@@ -315,9 +328,11 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
                  cfg.bounds, cfg.seed, log, state=state, on_generation=save)
     alpha = result.best.reshape(K, n)[:, 0] if n == 1 else result.best.reshape(K, n)  # (K,) or (K, n)
     seconds = sum(row["seconds"] for row in result.history)
-    save_mix(wrapper, out, experts, alpha, task=task.name, prompt=task.prompt, fitness=list(result.fitness),
-             shots=dict(split=cfg.shot_split, seed=cfg.shot_seed, ids=[ex.id for ex in shots]),
-             config=dataclasses.asdict(cfg), wall_s=seconds, history=result.history)
+    if distributed.is_main():
+        save_mix(wrapper, out, experts, alpha, task=task.name, prompt=task.prompt, fitness=list(result.fitness),
+                 shots=dict(split=cfg.shot_split, seed=cfg.shot_seed, ids=[ex.id for ex in shots]),
+                 config=dataclasses.asdict(cfg), wall_s=seconds, history=result.history,
+                 world_size=distributed.world_size())
     shown = alpha.mean(-1) if n > 1 else alpha  # (K,): per expert, averaged over matrices with --per-matrix
     members = cfg.population * len(result.history)
     log(f"alpha {[round(a, 4) for a in shown.tolist()]}{' (mean over matrices)' if n > 1 else ''}; "
@@ -366,6 +381,7 @@ def main(argv=None):
     cfg.bounds = tuple(cfg.bounds)
     task = get_task(cfg.task, prompt=cfg.prompt, data_dir=args.data_dir)
     task.load(cfg.shot_split)  # fail on missing data before loading the model
+    distributed.check_device(args.device)
     model, tok, model_dir = load(args)
     out = args.out or os.path.join("experts", f"fewshot-{task.name}.safetensors")
     run_dir = args.run_dir or os.path.join("runs", f"cem-{task.name}{'-per-matrix' if cfg.per_matrix else ''}")
@@ -373,4 +389,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run(main)

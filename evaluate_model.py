@@ -13,6 +13,10 @@ wall time), and with --out writes every prompt, output and extracted answer as J
 batch; `--resume` continues an interrupted run from that file (or extends a --limit run);
 `--compare` prints the paired (item by item) difference with runs saved by --out.
 
+On several GPUs, `torchrun --nproc_per_node N evaluate_model.py ...` (distributed.py): each batch's
+items are shared out among the N processes and their records gathered in item order; rank 0 alone
+prints and writes --out, whose settings record world_size (a --resume may use another N).
+
 The bridge between the model and the tasks (`Completer`, the shared flags) is chat.py.
 """
 
@@ -20,6 +24,7 @@ import argparse
 import os
 
 import checkpoints
+import distributed
 import svf
 from lora import load_adapter_for
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
@@ -69,9 +74,14 @@ def main(argv=None):
             check_same_run(previous, Result(task.name, args.split, task.prompt, settings=settings))
         except ValueError as e:
             raise SystemExit(f"--resume {args.out}: {e}")
+    distributed.check_device(args.device)
     model, tok, path = load(args)
     completer = Completer(model, tok, max_new, batch_size=args.batch_size)
-    run = dict(limit=args.limit, batch_size=args.batch_size * 2, previous=previous, out=args.out, settings=settings)
+    # each process gets two generation batches of every evaluation batch; only rank 0 writes --out
+    W = distributed.world_size()
+    run = dict(limit=args.limit, batch_size=args.batch_size * 2 * W, previous=previous,
+               out=args.out if distributed.is_main() else None, settings=dict(settings, world_size=W),
+               progress=distributed.is_main(), map_batch=distributed.map_items if W > 1 else None)
     if args.expert:
         wrapper, _ = load_adapter_for(model, path, args.expert)  # SVF or LoRA, the file's tensors loaded
         with wrapper.applied():
@@ -85,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run(main)

@@ -95,14 +95,16 @@ class Result:
 
 
 def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True, previous=None, out=None,
-             settings=None):
+             settings=None, map_batch=None):
     """Runs `complete_fn` on the examples of `split` (or on a list of Examples passed as `split`),
     the first `limit` of them if given, and scores the outputs. Returns a Result.
 
     previous: a Result of an interrupted run of the same task, split, prompt and settings; its items
     are not run again and its records and wall time carry over. out: save the Result there after
     every batch. settings: recorded in the Result (and compared with previous.settings), with the
-    task's scoring_settings() added (recorded, not compared: see RECORDED_ONLY)."""
+    task's scoring_settings() added (recorded, not compared: see RECORDED_ONLY).
+    map_batch(run, batch) -> run's records of the whole batch, in order: how a batch is run, by
+    default run(batch) here; distributed.map_items runs each process's share and gathers them."""
     examples = task.load(split) if isinstance(split, str) else list(split)
     examples = examples[:limit] if limit is not None else examples
     settings = {**(settings or {}), **task.scoring_settings()}
@@ -118,15 +120,19 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True,
             print(f"resuming: {len(done)} items already done, {len(examples)} to go", flush=True)
     total, wall_before = result.n + len(examples), result.wall_s
     start = time.perf_counter()
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
+
+    def run(batch):  # completions, answers and verdicts of a batch of examples, as Records
         outputs = complete_fn([ex.messages for ex in batch])
         if len(outputs) != len(batch):
             raise ValueError(f"complete_fn returned {len(outputs)} outputs for {len(batch)} prompts")
         extracted = [task.extract(text, ex) for ex, text in zip(batch, outputs)]
         correct = task.score_many(batch, outputs)
-        result.records += [Record(ex.id, ex.messages, text, x, ex.answer, bool(c))
-                           for ex, text, x, c in zip(batch, outputs, extracted, correct)]
+        return [Record(ex.id, ex.messages, text, x, ex.answer, bool(c))
+                for ex, text, x, c in zip(batch, outputs, extracted, correct)]
+
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        result.records += map_batch(run, batch) if map_batch else run(batch)
         result.wall_s = wall_before + time.perf_counter() - start
         if out:
             result.save(out)
@@ -140,7 +146,10 @@ def evaluate(task, split, complete_fn, limit=None, batch_size=32, progress=True,
 # program can do to the machine, not which honest programs pass (the canonical solutions pass in both
 # modes); refusing to resume a run on a machine without namespaces, or a file saved before the mode
 # was recorded, would protect nothing. A resumed result records the mode of the run that finished it.
-RECORDED_ONLY = ("sandbox",)
+# The number of processes that shared the items out (evaluate_model.py under torchrun) is recorded
+# too, so that a reader can tell a sharded run from N copies; it need not match, since an item's output
+# does not depend on which process made it (a padded batch gives each row its output alone: test_model).
+RECORDED_ONLY = ("sandbox", "world_size")
 
 
 def check_same_run(previous, result):
