@@ -173,14 +173,17 @@ def test_a_sharded_evaluation_gives_one_process_results(tmp_path, tiny_checkpoin
     in_one_process("evaluate", one)
     proc2, _ = launch(tmp_path, "evaluate", one, ranks=2)
     assert proc2.returncode == 0, proc2.stdout + proc2.stderr
-    for name in ("evaluate", "adapt"):
-        a, b = (json.load(open(one / f"{name}-world{w}.json")) for w in (1, 2))
+    for name, other in (("evaluate", "evaluate-world2"), ("evaluate", "evaluate-resumed"), ("adapt", "adapt-world2")):
+        a, b = json.load(open(one / f"{name}-world1.json")), json.load(open(one / f"{other}.json"))
         assert len(a["records"]) == 12 and a["records"] == b["records"]  # ids, outputs, answers, verdicts, choices
         assert a["settings"]["world_size"] == 1 and b["settings"]["world_size"] == 2
     assert json.load(open(one / "adapt-world2.json"))["confusion"] == json.load(open(one / "adapt-world1.json"))["confusion"]
     assert writes(one, 1) == []
-    assert sorted(set(writes(one, 0))) == sorted(str(one / f"{n}-world2.json") for n in ("evaluate", "adapt"))
-    assert "[default0]:rank 0 did 6 items" in proc2.stderr and "[default1]:rank 1 did 6 items" in proc2.stderr
+    assert sorted(set(writes(one, 0))) == sorted(str(one / f"{n}.json") for n in ("adapt-world2", "evaluate-resumed",
+                                                                                "evaluate-world2"))
+    # 12 items in evaluation batches of 8 (2 ranks x 2 generation batches of 2): 4 + 2 each; resumed: 4 + 3 of 7
+    assert "[default0]:rank 0 did 10 items" in proc2.stderr and "[default1]:rank 1 did 9 items" in proc2.stderr
+    assert "[default0]:resuming: 5 items already done, 7 to go" in proc2.stdout
     lines = proc2.stdout.splitlines()  # torchrun --tee prefixes each rank's lines with [default<rank>]
     assert any("accuracy" in line for line in lines if line.startswith("[default0]"))
     assert not any(line.startswith("[default1]") for line in lines)
@@ -304,7 +307,10 @@ def _scenario(name, d, setattr=setattr):
     common = ["--model", model_dir, "--max-new-tokens", "3", "--batch-size", "2"]
     experts = [str(d / f"expert{k}.safetensors") for k in range(2)]
     if name == "evaluate":
-        evaluate_model.main(["--task", "lowbyte", "--split", "test", *common, "--out", str(d / f"evaluate-world{W}.json")])
+        run = lambda *flags: evaluate_model.main(["--task", "lowbyte", "--split", "test", *common, *flags])  # noqa: E731
+        run("--out", str(d / f"evaluate-world{W}.json"))
+        # one process evaluates 5 items, and torchrun's ranks --resume it to all 12
+        run("--out", str(d / "evaluate-resumed.json"), *(["--resume"] if W > 1 else ["--limit", "5"]))
         adapt.main(["--strategy", "prompt", "--task", "lowbyte", *common, "--code-expert", "base",
                     "--math-expert", experts[0], "--reasoning-expert", experts[1],
                     "--out", str(d / f"adapt-world{W}.json")])
