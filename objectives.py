@@ -117,11 +117,13 @@ def advantages(rewards, baseline=False, samples=1, device="cpu"):
     """The weight of each rollout in the loss: its reward, less the mean reward of its own question's
     `samples` rollouts (consecutive in the batch) when samples > 1, or of its half of the batch.
 
-    Why a half and not the whole batch: the two halves' gradients are then independent estimates,
-    and their cosine (policy_gradient_step) says whether a step is signal. Under one batch mean the
-    halves' advantages sum to opposite numbers, so whatever direction every rollout's log pi shares
-    enters them with opposite signs: at step 0 of the ARC recipe at 256 rollouts their cosine was
-    -0.27 (RESULTS.md). A mean over 128 rollouts is as good a baseline as one over 256."""
+    Why a half and not the whole batch: the two halves' gradients are then independent estimates
+    of the same gradient, and their cosine (policy_gradient_step) says whether a step is signal.
+    Under one batch mean the halves' advantages sum to opposite numbers, which ties them: whatever
+    direction every rollout's log pi shares enters them with opposite signs. (On the first batch of
+    the ARC recipe at 256 rollouts: cosine -0.27 under the batch mean, -0.22 under each half's, so
+    that tie was not what made it negative; RESULTS.md.) A mean over 128 rollouts is as good a
+    baseline as one over 256."""
     r = torch.tensor(rewards, dtype=torch.float32, device=device)
     if not baseline:
         return r
