@@ -134,7 +134,8 @@ def cem(fitness_fn, dim, population=32, elite_ratio=0.2, generations=50, init_me
         t0 = time.perf_counter()
         pop = torch.clamp(mean + std * torch.randn(population, dim, generator=g, device="cpu"), low, high)  # (P, dim)
         pop[0] = best
-        keys = distributed.gather_objects(_key(fitness_fn(pop[i].clone())) for i in distributed.shard(population))
+        mine = [_key(fitness_fn(pop[i].clone())) for i in distributed.shard(population)]  # all, in one process
+        keys = distributed.gather_objects(mine)  # every member's, in population order
         order = sorted(range(population), key=lambda i: keys[i], reverse=True)  # stable: ties keep index order
         elites = pop[order[:n_elite]]  # (n_elite, dim)
         mean, std = elites.mean(0), elites.std(0, correction=1 if n_elite > 1 else 0)

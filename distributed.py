@@ -31,7 +31,8 @@ reinforce.py (data parallel REINFORCE, one step):
     ... rollouts and loss.backward() on `mine`, the loss a sum over this rank's rollouts ...
     distributed.all_reduce_grads(wrapper.parameters(), 1 / global_rollouts)   # = one process's mean
     clip_grad_norm_(...); opt.step()                      # same gradient, same p on every rank
-    rewards = distributed.gather_objects(my_rewards)      # the log's numbers, in batch order
+    rewards = distributed.gather_objects(my_rewards)      # one list of K rewards per question of `mine`:
+                                                          # gathered per question, so in batch order
     distributed.check_same(distributed.digest(wrapper.state()), f"p after step {step}")  # at validation
     if distributed.is_main(): save_state(); log(row)
 """
