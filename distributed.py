@@ -71,7 +71,8 @@ def setup(timeout=TIMEOUT, quiet=True):
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"rank {os.environ['RANK']} has LOCAL_RANK {local_rank}, and this machine has "
-                               f"{torch.cuda.device_count()} GPUs: start at most that many with torchrun --nproc_per_node")
+                               f"{torch.cuda.device_count()} GPUs: start at most that many "
+                               f"(torchrun --nproc_per_node)")
         torch.cuda.set_device(local_rank)
         kwargs = dict(backend="cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local_rank))
     else:
