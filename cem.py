@@ -66,6 +66,7 @@ import torch
 
 import distributed
 import lora
+import run_state
 import safetensors_io
 import svf
 from data import get_task, split_shots
@@ -303,7 +304,7 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
         if resume:
             if not os.path.exists(state_path):
                 raise SystemExit(f"--resume: no search state at {state_path}; start without --resume")
-            state = torch.load(state_path, weights_only=False)
+            state = run_state.load_state(state_path, "cem")  # tensors, numbers and strings only: no pickled code runs
             same = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "generations"}
             if {k: v for k, v in state["config"].items() if k != "generations"} != same or state["experts"] != digests:
                 raise SystemExit(f"--resume: {run_dir} holds a search with other settings or experts "

@@ -63,6 +63,7 @@ from types import SimpleNamespace
 import torch
 
 import lora
+import run_state
 import svf
 from data import evaluate, get_task
 from data.evaluate import paired_difference
@@ -247,7 +248,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     if resume:
         if not os.path.exists(state_path):
             raise SystemExit(f"--resume: no training state at {state_path}; start without --resume")
-        saved = torch.load(state_path, weights_only=False, map_location="cpu")  # a GPU run's state loads anywhere
+        saved = run_state.load_state(state_path, "reinforce")  # no pickled code runs; a GPU run's state loads anywhere
         check_resumable(saved, cfg, model_dir)
         wrapper.load_state(saved["p"])
         opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to p's device
