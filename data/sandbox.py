@@ -3,60 +3,58 @@
     result = run_program("def f(x):\\n    return x + 1\\nassert f(1) == 2\\n")
     result.passed, result.status       # True, "passed"
     results = run_many(programs)        # in parallel, one process each
-    default_mode()                      # "namespaces" or "guard": how programs are isolated here
+    default_mode()                      # "bwrap", "namespaces" or "guard": how programs are isolated here
 
-Every program runs in its own process (`_sandbox_child.py`), which gets:
-- a fresh temporary job directory, its `work/` as working directory, HOME and TMPDIR, removed afterwards;
-- stdin from /dev/null and a scrubbed environment (no inherited variables, hence no secrets);
-- limits: wall-clock timeout, CPU seconds, address space, file size (which also caps its output:
-  stdout and stderr go to files, and writing past the limit fails with "File too large"), open files;
-- its own session and process group, killed as a whole at the end (os.killpg, then the process itself,
-  which may have left its group);
-- the in-process guard (an audit hook and disabled functions: see _sandbox_child.py).
+Every program runs in its own process (`_sandbox_child.py`), which gets the program on stdin (so it
+needs no path to it), stdout and stderr as files, a scrubbed environment, limits (wall clock, CPU
+seconds, address space, file size, which also caps the output, open files, processes), its own
+session, and the in-process guard (an audit hook and disabled functions: see _sandbox_child.py).
 
-Two modes, chosen once per process by default_mode():
-- "namespaces" (Linux, with `unshare` from util-linux, as root or where unprivileged user namespaces
-  are enabled): the child runs in new user, PID, mount, network and IPC namespaces. It has no network
-  (a loopback device that is down), sees only its own processes (a /proc of its own), and its
-  working directory is a fresh tmpfs of Limits.disk_mb MB and Limits.files files, gone when the
-  program ends; a disk bomb ends in "No space left on device". Its root is the calling user outside
-  the namespace: no device files, no mounts or privileges outside. The guard stays inside as a second
-  layer. The namespace's first process (PID 1) is a shell that mounts the tmpfs and waits for the
-  child: the kernel spares an init the signals it has no handler for, and the program must not be spared.
-- "guard" (macOS, kernels that forbid user namespaces, or T2_SANDBOX=guard): the in-process guard alone.
-Falling back to "guard" warns once, saying what is missing; T2_SANDBOX=namespaces|guard forces a mode
-(namespaces then fails where they cannot be made). The code tasks record the mode in evaluation results.
+Three modes; default_mode() takes the first that works here, T2_SANDBOX=bwrap|namespaces|guard forces one:
+- "bwrap": bubblewrap (Debian/Ubuntu package `bubblewrap`, what Flatpak uses) makes the namespaces.
+- "namespaces": util-linux's `unshare` makes them, and the child itself mounts and drops its
+  capabilities before the program runs (confine() in _sandbox_child.py), to the same effect.
+- "guard": the guard alone, as the harness's user; falling back to it warns once, saying why.
 
-What holds where ("guard" = the in-process guard: Python-level, so a program written to defeat it, by
-native code or a CPython memory bug, gets past it; "OS" = holds even then):
-| threat                                   | namespaces              | guard                   |
-|------------------------------------------|-------------------------|-------------------------|
-| network                                  | OS                      | guard                   |
-| other processes: see, signal, /proc/PID  | OS                      | guard                   |
-| the harness's environment, via /proc     | OS                      | guard                   |
-| disk filled in the working directory     | OS: tmpfs, disk_mb      | guard: files x output_kb|
-| files written, special files, elsewhere  | guard (devices: OS)     | guard                   |
-| forking (a fork bomb)                    | guard                   | guard (+ RLIMIT_NPROC)  |
-| processes left behind                    | OS: die with namespace  | guard (no fork at all)  |
-| reading files the user may read          | allowed                 | allowed                 |
-| a forged pass                            | see _sandbox_child.py   | same                    |
+What the kernel holds in both namespace modes, whatever the program does in Python:
+- it runs as an unprivileged user: the harness's own, or, when the harness is root, SANDBOX_UID
+  ("nobody"), never the host's root; with no capabilities, and no way to make a user namespace;
+- RLIMIT_NPROC binds that user (root is exempt from it): no process or thread besides the program;
+- the root file system is read-only; the working directory is a fresh tmpfs of Limits.disk_mb MB
+  (namespaces: also at most Limits.files files, and noexec; bwrap: at /tmp/work, in an empty /tmp);
+  /proc is empty; /dev is minimal (bwrap) or the host's (namespaces), read-only; there is no network;
+- it sees no other process, and its namespace's first process (bwrap's own, or a shell) is killed
+  with everything in it when run_program returns.
+A root harness's interpreter may live where "nobody" cannot go (pyenv under /root): then a first,
+root-owned mount namespace covers each such directory with a tmpfs holding only the interpreter's
+directories (hidden_paths(), view()), and drops to SANDBOX_UID with setpriv before the namespaces.
 
-Neither mode is a hardened sandbox: a program can read whatever its user may read (and print it
-into RunResult.stdout), and there is no seccomp filter or cgroup; in guard mode, run it only on a
-machine you would let the model's code touch.
+What holds where (the table of data/README.md, by class of attack):
+| class                                        | bwrap / namespaces      | guard                      |
+|----------------------------------------------|-------------------------|----------------------------|
+| network                                      | kernel                  | guard                      |
+| other processes: see, signal, ptrace         | kernel (PID namespace)  | guard (+ kernel, non-root) |
+| new processes and threads, left behind       | kernel (RLIMIT_NPROC)   | guard (+ kernel, non-root) |
+| files written outside the working directory  | kernel (read-only root) | guard                      |
+| special files (FIFOs, devices)               | kernel                  | guard                      |
+| disk filled                                  | kernel (tmpfs size)     | guard (files x output_kb)  |
+| the privileges of the harness's user (root)  | kernel (nobody)         | none: it runs as that user |
+| reading files                                | what its user may read  | what the harness may read  |
+| a forged pass                                | the token: see below    | the same                   |
 
-A program passes only if it exits with status 0 *and* the child wrote to the FIFO `done` in the job
-directory after the program returned (see _sandbox_child.py for why a program cannot write it itself,
-and what a program written to deceive can still do). The harness holds the FIFO's reading end; there
-is no secret in the child to steal.
+A program passes only if it exits with status 0 *and* the child's token arrived twice on the pipe
+whose reading end only the harness holds: once before the program runs, once from the last line of
+the child's main() after the program returned. Only the child's audit hook knows the token; the
+program cannot read it from Python (see _sandbox_child.py for why, and what native code can still do).
 
-The limits are set in the child, not in a `preexec_fn`: the subprocess docs warn that preexec_fn
-is not safe in the presence of threads, and run_many launches processes from a thread pool.
+Neither mode is a hardened sandbox: there is no seccomp filter or cgroup, and a program can read what
+its user may read. The limits are set in the child, not in a `preexec_fn`: the subprocess docs warn
+that preexec_fn is not safe in the presence of threads, and run_many launches processes from threads.
 """
 
 import functools
-import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -69,7 +67,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
-MODES = ("namespaces", "guard")
+MODES = ("bwrap", "namespaces", "guard")
+SANDBOX_UID = 65534             # "nobody": whom a root harness runs programs as, in the namespace modes
+TOKEN_BYTES = 32                # the length of the child's token (hex)
 
 
 @dataclass(frozen=True)
@@ -79,50 +79,128 @@ class Limits:
     memory_mb: int = 1024       # address space (MemoryError)
     output_kb: int = 1024       # size of any file written, stdout and stderr included (EFBIG)
     open_files: int = 64
-    processes: int = 1          # RLIMIT_NPROC; only binds non-root users (the child also forbids fork)
-    files: int = 64             # files and directories a program may create (namespaces: tmpfs inodes)
-    disk_mb: int = 64           # namespaces: size of the tmpfs working directory
+    processes: int = 1          # RLIMIT_NPROC: 1 = nothing besides the program (binds every user but root)
+    files: int = 64             # files and directories a program may create (guard; namespaces: tmpfs inodes)
+    disk_mb: int = 64           # bwrap, namespaces: size of the tmpfs working directory
 
 
 @dataclass(frozen=True)
 class RunResult:
     passed: bool
-    status: str                 # "passed", "failed" (raised, exited early), "timeout" (wall or CPU), "killed"
-    returncode: int             # negative: the signal that killed it (also in namespace mode)
+    status: str                 # "passed", "failed" (raised, exited early, stopped), "timeout" (wall or CPU), "killed"
+    returncode: int             # negative: the signal that killed it (also in the namespace modes)
     stdout: str                 # the first `keep` characters
     stderr: str
     seconds: float
 
 
 def scrubbed_env(work_dir):
-    """A minimal environment: nothing is inherited from ours."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work_dir, "TMPDIR": work_dir,
-            "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    """A minimal environment: nothing is inherited from ours. One thread for numpy's BLAS: the
+    process limit refuses any other."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work_dir, "TMPDIR": work_dir, "PYTHONHASHSEED": "0",
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-# Runs as PID 1 of the new namespaces, in the working directory: mounts the tmpfs over it, steps into
-# the mount (leaving the environment as it was), and runs the child as its own child rather than
-# exec'ing it (see the module docstring).
+# ----------------------------------------------------------------------------- command lines
+
+# bwrap, as the unprivileged user: every namespace, the host's root read-only, an empty /proc, a
+# minimal /dev and an empty /tmp (all read-only), no user namespaces inside, killed with its parent.
+# The working directory's tmpfs and the command follow (command()).
+BWRAP = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+         "--ro-bind", "/", "/", "--tmpfs", "/proc", "--remount-ro", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+         "--tmpfs", "/tmp", "--dir", "/tmp/work", "--remount-ro", "/tmp"]
+BWRAP_WORK = "/tmp/work"        # the working directory's mount point in bwrap's empty /tmp, whatever the job's path
+# unshare, as the unprivileged user, who is root in the new namespaces until the child's confine().
+# The namespace's first process (PID 1) is a shell that runs the child as its own child and waits:
+# the kernel spares an init the signals it has no handler for, and the program must not be spared.
 # A child killed by signal N makes it exit with 128 + N, which run_program turns back into -N.
-INIT = ('options=$1; shift; mount -c -t tmpfs -o "$options" t2-sandbox . && cd ../work && unset PWD OLDPWD'
-        ' && "$@"; exit $?')
-UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount-proc",
-           "--net", "--ipc", "--"]
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child", "--mount", "--propagation",
+           "private", "--net", "--ipc", "--uts", "--", "/bin/sh", "-c", '"$@"; exit $?', "sh"]
+# From root to SANDBOX_UID, with no capability left to keep or gain.
+SETPRIV = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--inh-caps=-all",
+           "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def command(mode, limits, guard=True):
+def command(mode, limits, work_dir, signal_fd, guard=True):
     """The command line that runs the child in `mode`, with the working directory as cwd."""
-    child = [sys.executable, "-I", "-B", CHILD, json.dumps(asdict(limits)), "guard" if guard else "unguarded"]
+    child = [sys.executable, "-I", "-B", CHILD, mode, "guard" if guard else "unguarded", str(signal_fd),
+             *(f"{key}={value}" for key, value in asdict(limits).items() if key != "timeout_s")]
     if mode == "guard":
         return child
-    tmpfs = f"size={limits.disk_mb}m,nr_inodes={limits.files + 1},mode=700"   # + 1: its root directory
-    return [*UNSHARE, "/bin/sh", "-c", INIT, "sh", tmpfs, *child]
+    if mode == "bwrap":
+        inner = [*BWRAP, "--size", str(limits.disk_mb * 2**20), "--tmpfs", BWRAP_WORK, "--chdir", BWRAP_WORK, "--",
+                 *child]
+    else:
+        inner = [*UNSHARE, *child]
+    if os.geteuid() != 0:
+        return _located(inner)
+    return _located([*view(mode, os.path.dirname(work_dir)), *SETPRIV, *inner])
 
+
+def _located(args):
+    """The tools by their full paths: the child's PATH (scrubbed_env) may not hold them."""
+    return [(shutil.which(a) or a) if a in ("bwrap", "unshare", "setpriv") else a for a in args]
+
+
+def searchable(path, uid=SANDBOX_UID, gid=SANDBOX_UID):
+    """Whether `uid` (in group `gid` only) may enter the directory `path`, by its mode bits."""
+    st = os.stat(path)
+    return bool(st.st_mode & (0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001))
+
+
+@functools.lru_cache(maxsize=None)
+def hidden_paths():
+    """{directory SANDBOX_UID cannot enter: [the interpreter's directories below it]}: what a root
+    harness must show the sandbox's user, e.g. {"/root": ["/root/.pyenv/versions/3.11.7"]}."""
+    needed = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+                                            os.path.dirname(CHILD), os.path.dirname(os.path.realpath(sys.executable)),
+                                            *sys.path] if p and os.path.isdir(p)}
+    hidden = {}
+    for path in sorted(needed):
+        parts = path.split("/")
+        blocked = next((d for d in ("/".join(parts[:i]) for i in range(2, len(parts))) if not searchable(d)), None)
+        if blocked is not None:                      # (a needed directory closed itself cannot be helped)
+            hidden.setdefault(blocked, []).append(path)
+    return {d: [p for p in ps if not any(p.startswith(q + "/") for q in ps)] for d, ps in hidden.items()}
+
+
+def view(mode, job_dir):
+    """The root-owned first stage that makes hidden_paths() visible to SANDBOX_UID: each hidden
+    directory covered with a tmpfs that holds only the interpreter's directories, bound read-only."""
+    hidden = hidden_paths()
+    if not hidden:
+        return []
+    if mode == "bwrap":
+        args = ["bwrap", "--dev-bind", "/", "/", "--die-with-parent",
+                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]      # for setpriv, which drops them
+        for covered, paths in hidden.items():
+            args += ["--tmpfs", covered]
+            for path in paths:
+                between = path[len(covered):].split("/")[1:-1]       # the directories bwrap must create
+                for i in range(len(between)):
+                    args += ["--perms", "0755", "--dir", covered + "/" + "/".join(between[:i + 1])]
+                args += ["--ro-bind", path, path]
+        return [*args, "--"]
+    script, staged = ["set -e"], 0
+    for covered, paths in hidden.items():            # bind aside, cover, make the way, move back
+        for i, path in enumerate(paths):
+            script += [f"mkdir {shlex.quote(f'{job_dir}/view{staged + i}')}",
+                       f"mount --bind {shlex.quote(path)} {shlex.quote(f'{job_dir}/view{staged + i}')}"]
+        script.append(f"mount -t tmpfs -o mode=755 t2-view {shlex.quote(covered)}")
+        for i, path in enumerate(paths):
+            script += [f"mkdir -p {shlex.quote(path)}",
+                       f"mount --move {shlex.quote(f'{job_dir}/view{staged + i}')} {shlex.quote(path)}"]
+        staged += len(paths)
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "; ".join(script) + '; exec "$@"',
+            "sh"]
+
+
+# ----------------------------------------------------------------------------- running
 
 def _kill(proc):
-    """Kills the child's process group, and the child itself in case it left the group. In namespace
-    mode the child is `unshare`: killing it kills the namespace's init (--kill-child), and with it
-    every process in the namespace."""
+    """Kills the child's process group, and the child itself in case it left the group. In the
+    namespace modes the child is bwrap or unshare: killing it kills the namespace's first process
+    (--die-with-parent, --kill-child), and with it every process in the namespace."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -136,52 +214,65 @@ def _read(path):
         return f.read().decode("utf-8", errors="replace")
 
 
-def _read_done(fd):
-    try:
-        return os.read(fd, 16) == b"done"
-    except BlockingIOError:                      # a writer is still open but wrote nothing
-        return False
+def _completed(fd):
+    """Whether the child's token arrived twice, and nothing else: the completion signal."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) <= 2 * TOKEN_BYTES:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:                  # a writer is still open but wrote nothing more
+            break
+        if not chunk:
+            break
+        data += chunk
+    return len(data) == 2 * TOKEN_BYTES and data[:TOKEN_BYTES] == data[TOKEN_BYTES:]
 
 
 def run_program(source, limits=Limits(), keep=4000, mode=None, guard=True):
-    """Runs `source` in a fresh sandboxed process; returns a RunResult. mode: "namespaces" or "guard"
-    (default: default_mode()). guard=False leaves out the in-process guard: only for the tests that show
-    what the operating system holds alone."""
+    """Runs `source` in a fresh sandboxed process; returns a RunResult. mode: one of MODES (default:
+    default_mode()). guard=False leaves out the in-process guard (the completion signal stays): only
+    for the tests that show what the operating system holds alone."""
     mode = mode or default_mode()
     if mode not in MODES:
         raise ValueError(f"sandbox mode must be one of {MODES}, found {mode!r}")
     job_dir = tempfile.mkdtemp(prefix="t2-sandbox-")
-    done_fd = None
+    read_end = None
     try:
         work_dir = os.path.join(job_dir, "work")
         os.mkdir(work_dir)
-        with open(os.path.join(job_dir, "program.py"), "w", encoding="utf-8") as f:
+        if mode == "namespaces" and os.geteuid() == 0:
+            os.chmod(job_dir, 0o711)             # SANDBOX_UID mounts on work/ and steps into it (confine())
+            os.chmod(work_dir, 0o755)
+        program, out_path, err_path = (os.path.join(job_dir, name) for name in ("program.py", "stdout", "stderr"))
+        with open(program, "w", encoding="utf-8") as f:
             f.write(source)
-        os.mkfifo(os.path.join(job_dir, "done"), 0o600)
-        # open before the child starts: its end opens without blocking, and only while we read
-        done_fd = os.open(os.path.join(job_dir, "done"), os.O_RDONLY | os.O_NONBLOCK)
-        out_path, err_path = os.path.join(job_dir, "stdout"), os.path.join(job_dir, "stderr")
+        read_end, write_end = os.pipe()
+        env = scrubbed_env(BWRAP_WORK if mode == "bwrap" else work_dir)
         start = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(command(mode, limits, guard), cwd=work_dir, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, env=scrubbed_env(work_dir),
-                                    start_new_session=True, close_fds=True)
+        with open(program, "rb") as stdin, open(out_path, "wb") as out, open(err_path, "wb") as err:
+            try:
+                proc = subprocess.Popen(command(mode, limits, work_dir, write_end, guard), cwd=work_dir, stdin=stdin,
+                                        stdout=out, stderr=err, env=env, start_new_session=True, close_fds=True,
+                                        pass_fds=(write_end,))
+            finally:
+                os.close(write_end)              # the child's copy is the only one left
             try:
                 returncode, timed_out = proc.wait(timeout=limits.timeout_s), False
             except subprocess.TimeoutExpired:
                 _kill(proc)
                 returncode, timed_out = proc.wait(), True
             finally:
-                _kill(proc)                      # stray grandchildren, even after a normal exit
+                _kill(proc)                      # stray processes, even after a normal exit
         seconds = time.perf_counter() - start
-        completed = _read_done(done_fd)
+        completed = _completed(read_end)
         stdout, stderr = _read(out_path), _read(err_path)
     finally:
-        if done_fd is not None:
-            os.close(done_fd)
+        if read_end is not None:
+            os.close(read_end)
         shutil.rmtree(job_dir, ignore_errors=True)
-    if mode == "namespaces" and returncode > 128:
-        returncode = 128 - returncode            # the init shell's 128 + N: killed by signal N
+    if mode != "guard" and returncode > 128:
+        returncode = 128 - returncode            # the namespace's first process: 128 + N, killed by signal N
     passed = completed and returncode == 0 and not timed_out
     # Out of time either way: the wall clock ran out, or its CPU seconds did (SIGXCPU, whichever
     # comes first: a busy loop under equal limits may use its CPU seconds before the wall clock's).
@@ -198,40 +289,58 @@ def run_many(sources, limits=Limits(), workers=None, mode=None):
         return list(pool.map(lambda s: run_program(s, limits, mode=mode), sources))
 
 
+# ----------------------------------------------------------------------------- choosing the mode
+
 _lock = threading.Lock()
+TOOLS = {"bwrap": ["bwrap"], "namespaces": ["unshare", "mount"]}
 
 
 @functools.lru_cache(maxsize=None)
-def namespaces_problem():
-    """None where namespace mode works here, else what is missing (a sentence). Found out once, by
-    running a trivial program in namespace mode."""
+def mode_problem(mode):
+    """None where `mode` works here, else what is missing (a sentence). Found out once, by running
+    a trivial program in that mode."""
+    if mode == "guard":
+        return None
     if not sys.platform.startswith("linux"):
         return f"namespaces are a Linux feature, and this is {sys.platform}"
-    if not os.path.exists("/bin/sh") or shutil.which("unshare") is None or shutil.which("mount") is None:
-        return "the unshare and mount commands (util-linux) and /bin/sh are needed"
-    result = run_program("pass", Limits(timeout_s=30), mode="namespaces")
+    tools = TOOLS[mode] + (["setpriv"] if os.geteuid() == 0 else [])
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    missing += [] if os.path.exists("/bin/sh") else ["/bin/sh"]
+    if missing:
+        package = "bubblewrap" if mode == "bwrap" else "util-linux"
+        return f"{', '.join(missing)} not found (install {package})"
+    result = run_program("pass", Limits(timeout_s=30), mode=mode)
     if result.passed:
         return None
     lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
     return f"a trivial program failed in them: {lines[-1]}"
 
 
+def namespaces_problem():
+    """What keeps both namespace modes from working here; None if either works."""
+    problems = [mode_problem(mode) for mode in ("bwrap", "namespaces")]
+    return None if None in problems else f"bwrap: {problems[0]}; unshare: {problems[1]}"
+
+
 def default_mode():
-    """The sandbox mode: T2_SANDBOX if set ("namespaces" or "guard"), else "namespaces" where they
-    can be made here, else "guard" with one warning saying what is missing."""
+    """The sandbox mode: T2_SANDBOX if set (one of MODES), else "bwrap" or "namespaces", the first
+    that works here, else "guard" with one warning saying what is missing."""
     forced = os.environ.get("T2_SANDBOX", "")
     if forced not in ("", *MODES):
         raise ValueError(f"T2_SANDBOX must be one of {MODES} or unset, found {forced!r}")
     if forced == "guard":
         return "guard"
     with _lock:                                  # run_many's threads must not probe (or warn) twice
-        problem = namespaces_problem()
-    if problem and forced == "namespaces":
-        raise RuntimeError(f"T2_SANDBOX=namespaces, but namespaces cannot be made here: {problem}")
-    if problem:
-        _warn_fallback(problem)
-        return "guard"
-    return "namespaces"
+        if forced:
+            problem = mode_problem(forced)
+            if problem:
+                raise RuntimeError(f"T2_SANDBOX={forced}, but that mode does not work here: {problem}")
+            return forced
+        for mode in ("bwrap", "namespaces"):
+            if mode_problem(mode) is None:
+                return mode
+        _warn_fallback(namespaces_problem())
+    return "guard"
 
 
 @functools.lru_cache(maxsize=None)

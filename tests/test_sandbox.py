@@ -1,10 +1,12 @@
 """The sandbox for generated code: hostile programs fail and leave the harness and the files outside
-intact, in both modes (namespaces and guard); the canonical solutions of MBPP (all 974) and
-HumanEval (164) pass.
+intact, in every mode (bwrap, namespaces, guard); the canonical solutions of MBPP (all 974) and
+HumanEval (164) pass in every mode.
 
 The "bombs" are bounded (a few dozen forks, a few GiB, 200 MB of disk, 100 MB of output), so that a
-broken guard would show up as a failing test rather than take the machine down. The namespace tests
-are skipped, with the reason, where namespaces cannot be made; CI runs as root, so there they run.
+broken guard would show up as a failing test rather than take the machine down. The tests of a
+namespace mode are skipped, with the reason, where it cannot be made; CI runs as root and installs
+bubblewrap, so there they run. Issue 29's classes each have one test below ("class N"), run in every
+mode it applies to; `guard=False` runs show what the kernel holds alone, with the guard left out.
 """
 
 import inspect
@@ -14,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -21,19 +24,27 @@ import pytest
 
 from data import get_task
 from data import sandbox
-from data.sandbox import Limits, default_mode, namespaces_problem, run_many, run_program
+from data.sandbox import Limits, default_mode, mode_problem, run_many, run_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.environ.get("T2_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"no task data at {DATA}; set T2_DATA_DIR")
 FAST = Limits(timeout_s=3, cpu_s=3)
-PROBLEM = namespaces_problem()
-needs_namespaces = pytest.mark.skipif(PROBLEM is not None, reason=f"no namespaces here: {PROBLEM}")
-MODES = [pytest.param("namespaces", marks=needs_namespaces), "guard"]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_correct_program_passes_and_a_wrong_one_fails(mode):
+def in_mode(mode, guard=True, *more):
+    """A test case in `mode`, skipped with the reason where the mode does not work here."""
+    problem = mode_problem(mode)
+    return pytest.param(mode, guard, *more, id=f"{mode}-{'guard' if guard else 'kernel alone'}",
+                        marks=pytest.mark.skipif(problem is not None, reason=f"no {mode} here: {problem}"))
+
+
+MODES = [in_mode("bwrap"), in_mode("namespaces"), in_mode("guard")]
+KERNEL = [in_mode("bwrap", False), in_mode("namespaces", False)]   # the namespace modes without the guard
+
+
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_a_correct_program_passes_and_a_wrong_one_fails(mode, guard):
     ok = run_program("def f(x):\n    return x + 1\n\nassert f(1) == 2\nprint('hello')\n", mode=mode)
     assert (ok.passed, ok.status, ok.returncode, ok.stdout) == (True, "passed", 0, "hello\n")
     bad = run_program("def f(x):\n    return x\n\nassert f(1) == 2\n", mode=mode)
@@ -49,6 +60,7 @@ HOSTILE = {
     "fork via _posixsubprocess": "import _posixsubprocess\n_posixsubprocess.fork_exec()",
     "subprocess": "import subprocess\nsubprocess.run(['sleep', '60'])",
     "multiprocessing": "import multiprocessing as mp\nmp.Process(target=print).start()",
+    "a thread": "import threading\nthreading.Thread(target=print).start()",
     "os.system": "import os\nos.system('sleep 60')",
     "ctypes fork": "import ctypes\nctypes.CDLL(None).fork()",
     "memory bomb": "x = b'x' * (4 * 2**30)",
@@ -63,33 +75,33 @@ HOSTILE = {
     "sys.exit(0)": "import sys\nsys.exit(0)\nassert False",
     "raise SystemExit": "raise SystemExit(0)",
     "exit()": "exit(0)",
-    "fake marker": "print('\\nT2-SANDBOX-PASSED-' + '0' * 32)\nimport os\nos._exit(0)",
     "read stdin": "input()",
     "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)",
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_programs_fail_and_the_harness_survives(name, mode):
-    start = time.perf_counter()
-    result = run_program(HOSTILE[name], FAST, mode=mode)
-    assert not result.passed, (name, result)
-    assert time.perf_counter() - start < FAST.timeout_s + 5
-    assert len(result.stdout) <= 4000 and len(result.stderr) <= 4000             # output capped
-    if name in ("infinite loop", "sleeps forever"):
-        assert result.status == "timeout"
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_hostile_programs_fail_and_the_harness_survives(mode, guard):
+    for name, program in HOSTILE.items():
+        start = time.perf_counter()
+        result = run_program(program, FAST, mode=mode)
+        assert not result.passed, (name, result)
+        assert time.perf_counter() - start < FAST.timeout_s + 5, name
+        assert len(result.stdout) <= 4000 and len(result.stderr) <= 4000             # output capped
+        if name in ("infinite loop", "sleeps forever"):
+            assert result.status == "timeout", name
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_the_cpu_limit_binds_before_the_wall_clock_and_counts_as_a_timeout(mode):
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_the_cpu_limit_binds_before_the_wall_clock_and_counts_as_a_timeout(mode, guard):
     # A busy loop under a 1 s CPU limit and a 30 s wall clock: SIGXCPU ends it, not the wall clock.
     result = run_program(HOSTILE["infinite loop"], Limits(timeout_s=30, cpu_s=1), mode=mode)
     assert (result.passed, result.status, result.returncode) == (False, "timeout", -signal.SIGXCPU)
     assert result.seconds < 15
-    # A program that catches SIGXCPU is killed one CPU second later: SIGKILL, not a timeout.
+    # A program that catches SIGXCPU is killed one CPU second later: SIGKILL, not a timeout (the
+    # guard refuses signal handlers, so this one runs without it).
     stubborn = "import signal\nsignal.signal(signal.SIGXCPU, lambda *a: None)\nwhile True:\n    pass"
-    result = run_program(stubborn, Limits(timeout_s=30, cpu_s=1), mode=mode)
+    result = run_program(stubborn, Limits(timeout_s=30, cpu_s=1), mode=mode, guard=False)
     assert (result.passed, result.status, result.returncode) == (False, "killed", -signal.SIGKILL)
 
 
@@ -117,17 +129,18 @@ DELETERS = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(DELETERS))
-def test_files_outside_the_working_directory_are_untouched(tmp_path, name, mode):
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
+def test_files_outside_the_working_directory_are_untouched(tmp_path, mode, guard):
     canary = tmp_path / "canary.txt"
-    canary.write_text("precious")
-    canary.chmod(0o444)
-    write = f"open({str(canary)!r}, 'w').write('gone')"
-    result = run_program(DELETERS[name].format(path=str(canary), dir=str(tmp_path), write=write), FAST, mode=mode)
-    assert not result.passed, result
-    assert canary.read_text() == "precious" and stat.S_IMODE(canary.stat().st_mode) == 0o444
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]
+    for name, program in DELETERS.items():
+        canary.write_text("precious")
+        canary.chmod(0o444)
+        write = f"open({str(canary)!r}, 'w').write('gone')"
+        result = run_program(program.format(path=str(canary), dir=str(tmp_path), write=write), FAST, mode=mode,
+                             guard=guard)
+        assert not result.passed or not guard, (name, result)
+        assert canary.read_text() == "precious" and stat.S_IMODE(canary.stat().st_mode) == 0o444, name
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"], name
 
 
 def test_environment_is_scrubbed(monkeypatch):
@@ -137,7 +150,7 @@ def test_environment_is_scrubbed(monkeypatch):
              f"assert any({secret!r} in v for v in env.values())\n")
     result = run_program(snoop)
     assert not result.passed and secret not in result.stdout + result.stderr
-    assert set(eval(result.stdout)) <= {"PATH", "LANG", "HOME", "TMPDIR", "OMP_NUM_THREADS", "PYTHONHASHSEED"}
+    assert set(eval(result.stdout)) <= set(sandbox.scrubbed_env("/"))
 
 
 # Issue #18, class 1: the harness's environment (secrets included) through /proc of its parent and
@@ -165,17 +178,15 @@ HARNESS = ("import json, sys; sys.path.insert(0, sys.argv[1]); from data.sandbox
            "print(json.dumps([r.passed, r.stdout, r.stderr]))")
 
 
-@pytest.mark.parametrize("mode, guard", [pytest.param("namespaces", "unguarded", marks=needs_namespaces),
-                                         pytest.param("namespaces", "guard", marks=needs_namespaces),
-                                         ("guard", "guard")])
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
 def test_the_harness_environment_cannot_be_read_through_proc(mode, guard):
     secret = "hunter2-do-not-leak"
     env = {**os.environ, "T2_FAKE_API_KEY": secret}
-    out = subprocess.run([sys.executable, "-c", HARNESS, ROOT, SNOOP_PROC, mode, guard], env=env,
-                         capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", HARNESS, ROOT, SNOOP_PROC, mode, "guard" if guard else "unguarded"],
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     passed, stdout, stderr = json.loads(out)
-    assert not passed and "found: []" in stdout, stdout + stderr
-    assert secret not in stdout + stderr
+    assert not passed and secret not in stdout + stderr, stdout + stderr
+    assert "found: []" in stdout or "/proc is not readable" in stderr, stdout + stderr
 
 
 # Issue #18, class 2: a disk bomb, 1 MB files until something stops it (200 MB here, to stay bounded);
@@ -186,17 +197,18 @@ try:
         with open(f"f{i}", "wb") as f:
             f.write(b"x" * 2**20)
         n += 1
+        print("MB written:", n)
 except OSError as e:
     print("stopped:", e)
-print("MB written:", n)
 """
 
 
 @pytest.mark.parametrize("mode, guard, limits, stopped_by, most", [
-    pytest.param("namespaces", True, Limits(disk_mb=8), "No space left on device", 8, marks=needs_namespaces),
-    pytest.param("namespaces", False, Limits(disk_mb=8), "No space left on device", 8, marks=needs_namespaces),
-    pytest.param("namespaces", False, Limits(files=5), "No space left on device", 5, marks=needs_namespaces),
-    ("guard", True, Limits(files=16), "may create at most 16 files", 16)])
+    in_mode("bwrap", True, Limits(disk_mb=8), "No space left on device", 8),
+    in_mode("bwrap", False, Limits(disk_mb=8), "No space left on device", 8),
+    in_mode("namespaces", False, Limits(disk_mb=8), "No space left on device", 8),
+    in_mode("namespaces", False, Limits(files=5), "No space left on device", 5),
+    in_mode("guard", True, Limits(files=16), "may create at most 16 files", 16)])
 def test_a_disk_bomb_stops_at_the_cap(mode, guard, limits, stopped_by, most):
     """guard=False: the namespace's tmpfs alone, by size (disk_mb) and by number of files (files)."""
     if guard:
@@ -204,8 +216,8 @@ def test_a_disk_bomb_stops_at_the_cap(mode, guard, limits, stopped_by, most):
     else:
         results = [run_program(DISK_BOMB, limits, mode=mode, guard=False)]
     for result in results:
-        written = int(result.stdout.split("MB written:")[1])
-        assert stopped_by in result.stdout and written <= most, result
+        written = result.stdout.count("MB written")
+        assert stopped_by in result.stdout + result.stderr and written <= most, result
 
 
 # Issue #18, class 3: special files, which os.mkfifo and os.mknod make without any audit event.
@@ -219,73 +231,174 @@ SPECIAL_FILES = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(SPECIAL_FILES))
-def test_no_special_files(tmp_path, name, mode):
-    program = "import os, stat\n" + SPECIAL_FILES[name].format(path=str(tmp_path / "special"))
-    result = run_program(program, FAST, mode=mode)
-    assert not result.passed, result
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
+def test_no_special_files(tmp_path, mode, guard):
+    for name, program in SPECIAL_FILES.items():
+        result = run_program("import os, stat\n" + program.format(path=str(tmp_path / "special")), FAST, mode=mode,
+                             guard=guard)
+        assert not result.passed, (name, result)
+        assert list(tmp_path.iterdir()) == [], name
 
 
-@needs_namespaces
-def test_namespaces_alone_forbid_device_files_network_and_other_processes():
-    """What the operating system holds in namespace mode, with the in-process guard left out."""
-    program = """import json, os, socket, stat
-facts = {"interfaces": socket.if_nameindex(), "parent": os.getppid(),
-         "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
-try:
-    os.mknod("null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-except OSError as e:
-    facts["mknod"] = e.strerror
-try:
-    socket.create_connection(("1.1.1.1", 53), timeout=1)
-except OSError as e:
-    facts["connect"] = e.strerror
-work = [line.split() for line in open("/proc/self/mountinfo") if line.split()[4] == os.getcwd()]
-facts["work"] = work[-1][-3] if work else None
+@pytest.mark.parametrize("mode, guard", KERNEL)
+def test_the_namespaces_alone_hold_the_network_the_processes_and_the_file_system(mode, guard):
+    """What the kernel holds in the namespace modes, with the in-process guard left out."""
+    program = """import ctypes, errno, json, os, socket, stat
+libc = ctypes.CDLL(None, use_errno=True)
+def failure(result):
+    return os.strerror(ctypes.get_errno()) if result != 0 else "done"
+facts = {"interfaces": socket.if_nameindex(), "proc": os.listdir("/proc"),
+         "umount /proc": failure(libc.umount2(b"/proc", 2)), "user namespace": failure(libc.unshare(0x10000000)),
+         "work MB": os.statvfs(".").f_blocks * os.statvfs(".").f_frsize // 2**20}
+for name, action in [("mknod", lambda: os.mknod("null", stat.S_IFCHR | 0o600, os.makedev(1, 3))),
+                     ("connect", lambda: socket.create_connection(("1.1.1.1", 53), timeout=1)),
+                     ("write /etc", lambda: open("/etc/t2-sandbox", "w")), ("fork", os.fork)]:
+    try:
+        action()
+        facts[name] = "done"
+    except OSError as e:
+        facts[name] = e.strerror
 print(json.dumps(facts))
 """
-    result = run_program(program, FAST, mode="namespaces", guard=False)
-    facts = json.loads(result.stdout)
+    result = run_program(program, Limits(timeout_s=5, disk_mb=8), mode=mode, guard=False)
     assert result.passed, result
+    facts = json.loads(result.stdout)
     assert facts["interfaces"] == [[1, "lo"]] and facts["connect"] == "Network is unreachable"
-    assert facts["parent"] == 1 and len(facts["processes"]) <= 3                  # init, the child, (mount)
-    assert facts["mknod"] == "Operation not permitted" and facts["work"] == "tmpfs"
+    assert facts["proc"] == [] and facts["umount /proc"] == "Operation not permitted"
+    assert facts["user namespace"] in ("Operation not permitted", "No space left on device")
+    assert facts["mknod"] == "Operation not permitted" and facts["write /etc"] == "Read-only file system"
+    assert facts["fork"] == "Resource temporarily unavailable" and facts["work MB"] == 8
 
 
-@needs_namespaces
-def test_processes_die_with_the_namespace(tmp_path, monkeypatch):
-    """A grandchild that leaves the process group is out of os.killpg's reach; it dies with the
-    namespace. (In guard mode only the guard's refusal of fork keeps it from existing.)"""
-    monkeypatch.setattr(sandbox.tempfile, "tempdir", str(tmp_path))   # the job directories go here
-    program = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-    result = run_program(program, Limits(timeout_s=3, processes=8), mode="namespaces", guard=False)
-    assert result.returncode == 0, result
-    time.sleep(0.2)
-    assert [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path) in cwd_of(pid)] == []
+def sandbox_processes(marker, within=0.0):
+    """pid: (argv, real uid) of every process on this machine whose command line holds `marker`; with
+    `within`, the ones still there after up to that many seconds (a namespace dies asynchronously)."""
+    deadline = time.perf_counter() + within
+    while True:
+        found = _processes(marker)
+        if not found or time.perf_counter() > deadline:
+            return found
+        time.sleep(0.05)
 
 
-def cwd_of(pid):
+def _processes(marker):
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{pid}/status") as f:
+                uid = int(next(line for line in f if line.startswith("Uid:")).split()[1])
+        except (OSError, StopIteration):
+            continue
+        if any(marker in arg for arg in argv) and pid != str(os.getpid()):
+            found[int(pid)] = (argv, uid)
+    return found
+
+
+# Issue 29, class 3: the namespace's root was the host's root when the harness ran as root.
+@pytest.mark.parametrize("mode, guard", KERNEL)
+def test_the_program_never_runs_as_the_hosts_root(mode, guard):
+    limits = Limits(timeout_s=10, memory_mb=1029)                  # 1029: to find the child on this machine
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (run_program("import time\ntime.sleep(3)", limits, mode=mode,
+                                                          guard=False), done.set()))
+    thread.start()
+    children = {}
+    while not done.is_set() and not children:
+        children = {pid: uid for pid, (argv, uid) in sandbox_processes("memory_mb=1029").items()
+                    if argv[0] == sys.executable and argv[3] == sandbox.CHILD}
+        time.sleep(0.05)
+    thread.join()
+    assert children, "the sandbox's child was never seen"
+    expected = sandbox.SANDBOX_UID if os.geteuid() == 0 else os.geteuid()
+    assert set(children.values()) == {expected}
+
+
+# Issue 29, class 1: a second copy of a built-in or extension module brought back every function the
+# guard disabled (mkfifo, mknod and the process spawner raise no audit event at all).
+COPY = ("import importlib.machinery, importlib.util, os\n"
+        "def fresh(name):\n"
+        "    finder = importlib.machinery.BuiltinImporter if name == 'posix' else importlib.machinery.PathFinder\n"
+        "    spec = finder.find_spec(name)\n"
+        "    module = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "    return module\n"
+        "def spawn(*argv, new_session=False):   # subprocess.Popen without its audit event (Python 3.11)\n"
+        "    r, w = os.pipe()\n"
+        "    return fresh('_posixsubprocess').fork_exec([os.fsencode(a) for a in argv], [os.fsencode(argv[0])], True,\n"
+        "        (), None, None, -1, -1, -1, -1, -1, -1, r, w, True, new_session, -1, -1, None, -1, -1, None, True)\n")
+COPIES = {
+    "mkfifo": COPY + "fresh('posix').mkfifo('{dir}/fifo')",
+    "mknod": COPY + "import stat\nfresh('posix').mknod('{dir}/fifo', stat.S_IFIFO | 0o600)",
+    "a spawned process writes outside": COPY + "spawn('/bin/sh', '-c', 'echo > {dir}/spawned')\n"
+                                        "import time\ntime.sleep(0.5)",
+    "a disabled function kept by some module": """import sys, types
+disabled = {("posix", "mkfifo"), ("posix", "mknod"), ("posix", "fork"), ("posix", "pidfd_open"),
+            ("_posixsubprocess", "fork_exec"), ("_signal", "signal")}
+found = [(m, k) for m, module in list(sys.modules.items()) if isinstance(module, types.ModuleType)
+         for k, v in list(vars(module).items())
+         if isinstance(v, types.BuiltinFunctionType) and (getattr(v, "__module__", None), v.__name__) in disabled]
+print(found)
+assert found""",
+}
+
+
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
+def test_a_second_copy_of_a_module_brings_back_nothing(tmp_path, mode, guard):
+    for name, program in COPIES.items():
+        result = run_program(program.replace("{dir}", str(tmp_path)), FAST, mode=mode, guard=guard)
+        assert list(tmp_path.iterdir()) == [], name
+        if guard:
+            assert not result.passed, (name, result)
+
+
+# Issue 29, class 2: the guard's path check raced by a signal handler: `s` leads into the working
+# directory while `x` is a link to a deep directory, and out of it (to canary.txt, next to the job
+# directory) while `x` is a plain one; the handler swaps them while the hook resolves `s`.
+RACE = COPY + """import signal
+px = fresh("posix")
+os.makedirs("a/b/c")
+os.mkdir("x.dir")
+os.symlink("a/b/c", "x")
+os.symlink("x/../../../canary.txt", "s")
+flips = [0]
+def flip(*_):
+    flips[0] += 1
     try:
-        return os.readlink(f"/proc/{pid}/cwd")
+        if flips[0] % 2:
+            px.rename("x", "x.link"); px.rename("x.dir", "x")
+        else:
+            px.rename("x", "x.dir"); px.rename("x.link", "x")
     except OSError:
-        return ""
+        pass
+signal.signal(signal.SIGALRM, flip)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+for _ in range(3000):
+    try:
+        with open("s", "a") as f:
+            f.write("gone")
+    except OSError:
+        pass
+signal.setitimer(signal.ITIMER_REAL, 0)
+"""
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_process_that_leaves_its_group_is_still_killed_at_the_timeout(mode):
-    """Without the guard, which disables setsid. (In guard mode the child leads its group, and
-    setsid fails; in namespace mode the child is not the leader, unshare is.)"""
-    program = "import os, time\ntry:\n    os.setsid()\nexcept OSError:\n    pass\ntime.sleep(60)\n"
-    start = time.perf_counter()
-    result = run_program(program, FAST, mode=mode, guard=False)
-    assert result.status == "timeout" and time.perf_counter() - start < FAST.timeout_s + 5
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
+def test_no_race_or_link_writes_outside(tmp_path, monkeypatch, mode, guard):
+    """The canary is where `s` leads when the job directory is in tmp_path (namespaces, guard); bwrap's
+    working directory is /tmp/work, so there the canary is written by its absolute path as well."""
+    monkeypatch.setattr(sandbox.tempfile, "tempdir", str(tmp_path))
+    canary = tmp_path / "canary.txt"
+    canary.write_text("precious")
+    direct = f"\nopen({str(canary)!r}, 'a').write('gone')\n"
+    result = run_program(RACE + direct, Limits(timeout_s=10, cpu_s=10), mode=mode, guard=guard)
+    assert canary.read_text() == "precious", result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]        # and the job directory is gone
 
 
-# Issue #18, class 4: a pass without running the tests. The first program is the issue's: find the
-# success marker in the memory of the process and print it, then exit early. There is no marker now;
-# the others try to produce the completion signal (a write to ../done) themselves, or skip the tests.
+# Issue 29, class 4: a pass forged in pure Python. The completion signal is the child's token, written
+# twice to a pipe: these try to write it without knowing it, to learn it, or to have main() write it.
 TESTS = "\nassert False, 'the tests'\n"
 FORGERS = {
     "the marker from memory": """import gc, os, sys
@@ -296,26 +409,30 @@ def strings():
         frame = frame.f_back
     yield from sys.argv
     yield from os.environ.values()
-    try:
-        yield from gc.get_objects()
-    except PermissionError:
-        pass
-for s in {s for s in strings() if isinstance(s, str) and s.startswith("T2-SANDBOX-PASSED-")}:
-    print("\\n" + s, flush=True)
+    yield from gc.get_objects()
+fd = int(sys.argv[4])
+for s in {s for s in strings() if isinstance(s, (str, bytes)) and len(s) == 32}:
+    os.write(fd, s if isinstance(s, bytes) else s.encode())
 os._exit(0)
 """ + TESTS,
-    "write ../done": "open('../done', 'w').write('done')\nimport os\nos._exit(0)" + TESTS,
-    "../done read-write": "import os\nos.write(os.open('../done', os.O_RDWR), b'done')\nos._exit(0)" + TESTS,
-    "../done by its absolute path": "import os\nopen(os.path.abspath('../done'), 'w').write('done')\n"
-                                    "os._exit(0)" + TESTS,
-    "../done through a symlink": "import os\nos.symlink(os.path.abspath('../done'), 'd')\n"
-                                 "open('d', 'w').write('done')\nos._exit(0)" + TESTS,
-    "../done through /proc": "open('/proc/self/cwd/../done', 'w').write('done')\nimport os\nos._exit(0)" + TESTS,
-    "../done from a second interpreter": SECOND_INTERPRETER.format(code="open('../done', 'w').write('done')")
-                                         + "import os\nos._exit(0)" + TESTS,
-    "the child's main() again": """import __main__, os, types
-open("harmless.py", "w").write("pass")        # a program that returns at once, run by a second main()
-names = dict(vars(__main__), PROGRAM="harmless.py", set_limits=lambda limits: None)
+    "the token from the hook's frame": """import os, sys
+try:
+    open("/proc/self/environ")
+except PermissionError as e:
+    tb = e.__traceback__
+    while tb.tb_next:
+        tb = tb.tb_next
+    token = tb.tb_frame.f_locals["token"]
+    os.write(int(sys.argv[4]), token)
+    os.write(int(sys.argv[4]), token)
+os._exit(0)
+""" + TESTS,
+    "a spawned process writes the signal": COPY + "import sys\nspawn('/bin/sh', '-c', 'printf done > ../done')\n"
+                                           "import time\ntime.sleep(0.5)\nos._exit(0)" + TESTS,
+    "raise the signal's event": "import sys\nsys.audit('t2.sandbox.done')\nimport os\nos._exit(0)" + TESTS,
+    "the child's main() again": """import __main__, io, os, sys, types
+sys.stdin = io.TextIOWrapper(io.BytesIO(b"pass"))   # a program that returns at once, run by a second main()
+names = dict(vars(__main__), set_limits=lambda limits: None, confine=lambda *a: None)
 types.FunctionType(__main__.main.__code__, names)()
 os._exit(0)
 """ + TESTS,
@@ -333,42 +450,76 @@ print("the tests were jumped over")
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(FORGERS))
-def test_a_forged_pass_fails(name, mode):
-    result = run_program(FORGERS[name], FAST, mode=mode)
-    assert not result.passed, result
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_a_forged_pass_fails(mode, guard):
+    for name, program in FORGERS.items():
+        result = run_program(program, FAST, mode=mode)
+        assert not result.passed, (name, result)
 
 
 def test_a_callback_in_the_frame_of_main_on_another_line_is_refused():
     """A weakref callback runs in whatever frame is current: here main()'s, on its `return 1`
     line, when the exception that holds the token dies. The hook looks at the line, not only the frame."""
-    program = """import builtins, functools, io, weakref
+    program = """import builtins, functools, sys, weakref
 class Token:
     pass
 def fail():
     token = Token()
-    builtins.keep = weakref.ref(token, functools.partial(io.FileIO, "../done", "w", True))
+    builtins.keep = weakref.ref(token, functools.partial(sys.audit, "t2.sandbox.done"))
     raise Exception(token)
 fail()
 """
     result = run_program(program, FAST, mode="guard")
-    assert not result.passed and "../done is the sandbox's completion signal" in result.stderr, result
+    assert not result.passed and "t2.sandbox.done is the completion signal" in result.stderr, result
 
 
 def test_without_the_guard_the_forgers_would_pass():
-    """The control for the test above: its programs do forge a pass once the audit hook is gone."""
-    assert run_program(FORGERS["write ../done"], FAST, mode="guard", guard=False).passed
+    """The control for the test above: a trace function does jump over the tests once the guard is gone."""
     jump = run_program(FORGERS["a trace function jumps over the tests"], FAST, mode="guard", guard=False)
     assert jump.passed and jump.stdout == "the tests were jumped over\n"
 
 
 def test_the_completion_signal_is_the_last_line_of_main():
-    """The audit hook lets only the last line of main() open ../done: that line must be the one."""
+    """The audit hook takes the signal only from the last line of main(): that line must be the one."""
     from data import _sandbox_child as child
     lines, first = inspect.getsourcelines(child.main)
     assert child.last_line(child.main.__code__) == first + len(lines) - 1
-    assert "os.open(DONE" in lines[-1]
+    assert "sys.audit(DONE)" in lines[-1]
+
+
+# Issue 29, class 5: processes. A bounded bomb ran 20 at once; in guard mode a process in its own
+# session that ignores SIGTERM outlived run_program; pidfd_open and pidfd_send_signal (no audit event)
+# killed a process of the harness.
+PROCESSES = {
+    "a bomb": "import os, time\nfor _ in range(20):\n    if os.fork() == 0:\n        time.sleep(2)\n        os._exit(0)",
+    "a bomb of second copies": COPY + "for _ in range(20):\n    spawn('/bin/sleep', '2.25')",
+    "a session that ignores SIGTERM": COPY + "spawn('/bin/sh', '-c', 'trap \"\" TERM; sleep 2.25', new_session=True)",
+    "a thread": "import threading, time\nthreading.Thread(target=time.sleep, args=(2.25,)).start()",
+    "pidfd": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({pid}), signal.SIGKILL)",
+    "pidfd of a second copy": COPY + "import signal\nsignal.pidfd_send_signal(fresh('posix').pidfd_open({pid}), 9)",
+}
+
+
+@pytest.mark.parametrize("mode, guard", MODES + KERNEL)
+def test_nothing_but_the_program_runs_and_nothing_of_the_harness_is_touched(mode, guard):
+    limits = Limits(timeout_s=3, cpu_s=3, memory_mb=1031)                  # 1031: to find its processes
+    harness = subprocess.Popen(["sleep", "30"])                             # a process of the harness
+    try:
+        for name, program in PROCESSES.items():
+            result = run_program(program.format(pid=harness.pid), limits, mode=mode, guard=guard)
+            assert sandbox_processes("2.25", within=1) == sandbox_processes("memory_mb=1031", within=1) == {}, name
+            assert harness.poll() is None, (name, result)
+            if guard:
+                assert not result.passed, (name, result)
+    finally:
+        harness.kill()
+
+
+# Issue 29, class 6: numpy could not be imported (the guard disabled os.putenv).
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_numpy_works(mode, guard):
+    result = run_program("import numpy as np\nassert np.linalg.solve([[2.0]], [4.0])[0] == 2.0\n", mode=mode)
+    assert result.passed, result
 
 
 def test_the_mode_is_chosen_once_warned_about_and_can_be_forced(monkeypatch):
@@ -377,27 +528,30 @@ def test_the_mode_is_chosen_once_warned_about_and_can_be_forced(monkeypatch):
     monkeypatch.setenv("T2_SANDBOX", "chroot")
     with pytest.raises(ValueError, match="T2_SANDBOX must be one of"):
         default_mode()
-    monkeypatch.setattr(sandbox, "namespaces_problem", lambda: "no unshare here")
+    monkeypatch.setattr(sandbox, "mode_problem", lambda mode: None if mode == "guard" else f"no {mode} here")
     monkeypatch.setenv("T2_SANDBOX", "namespaces")
-    with pytest.raises(RuntimeError, match="no unshare here"):
+    with pytest.raises(RuntimeError, match="no namespaces here"):
         default_mode()
     monkeypatch.delenv("T2_SANDBOX")
     sandbox._warn_fallback.cache_clear()
-    with pytest.warns(RuntimeWarning, match="in-process guard alone .no unshare here"):
+    with pytest.warns(RuntimeWarning, match="in-process guard alone .bwrap: no bwrap here; unshare: no namespaces"):
         assert default_mode() == "guard"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert default_mode() == "guard"                     # warned once only
+    monkeypatch.setattr(sandbox, "mode_problem", lambda mode: "no bwrap here" if mode == "bwrap" else None)
+    assert default_mode() == "namespaces"                    # the first that works
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_working_directory_is_private_writable_and_removed(mode):
-    program = ("import os\nprint(os.getcwd())\nopen('scratch.txt', 'w').write('ok')\n"
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_working_directory_is_private_writable_and_removed(tmp_path, monkeypatch, mode, guard):
+    monkeypatch.setattr(sandbox.tempfile, "tempdir", str(tmp_path))
+    program = ("import os\nprint(os.getcwd(), os.environ['HOME'])\nopen('scratch.txt', 'w').write('ok')\n"
                "assert open('scratch.txt').read() == 'ok'\n")
     result = run_program(program, mode=mode)
     assert result.passed, result
-    work_dir = result.stdout.strip()
-    assert os.path.basename(work_dir) == "work" and not os.path.exists(os.path.dirname(work_dir))
+    work_dir, home = result.stdout.split()
+    assert os.path.basename(work_dir) == "work" and home == work_dir and list(tmp_path.iterdir()) == []
 
 
 def test_a_program_that_hides_stdout_still_passes():
@@ -414,10 +568,12 @@ def test_many_programs_run_in_parallel_in_order():
 
 
 @needs_data
-def test_canonical_solutions_pass():
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_canonical_solutions_pass(mode, guard, monkeypatch):
     """All 974 MBPP and all 164 HumanEval canonical solutions pass: 100.0% (974/974, 164/164), in
-    the default mode. About a minute on 2 cores; MBPP 123 alone takes 5 s of CPU, within the 15 s
-    default limits. (benchmarks/bench_sandbox.py runs them in both modes.)"""
+    every mode. About a minute a mode on 2 cores; MBPP 123 alone takes 5 s of CPU, within the 15 s
+    default limits. (benchmarks/bench_sandbox.py times them in each mode.)"""
+    monkeypatch.setenv("T2_SANDBOX", mode)
     mbpp = get_task("mbpp", data_dir=DATA)
     problems = [mbpp.example(r) for r in mbpp.read("mbpp/mbpp.jsonl")]          # all ids, 1-974
     passed = mbpp.score_many(problems, [ex.answer for ex in problems])
