@@ -28,6 +28,7 @@ Choices, each a flag of reinforce.py:
 """
 
 import json
+import math
 import os
 
 import torch
@@ -141,15 +142,11 @@ class LoRA(nn.Module):
 
     def load_expert(self, path):
         """Reads a LoRA file made for this checkpoint, targets, rank and alpha; raises
-        svf.ExpertMismatch naming what differs otherwise. Returns an svf.Expert whose p holds the factors."""
-        tensors, meta = safetensors_io.load(path)
-        found = meta.get("format")
-        if found == svf.EXPERT_FORMAT:
-            raise svf.ExpertMismatch(f"{path} is an SVF expert file, not a LoRA file; load it with "
-                                     f"lora.load_adapter_for, which reads either kind")
-        if found != LORA_FORMAT:
-            raise svf.ExpertMismatch(f"{path}: format {found!r}, expected {LORA_FORMAT!r} "
-                                     f"(is it a LoRA file written by reinforce.py --method lora?)")
+        svf.ExpertMismatch naming what differs otherwise (safetensors_io.SafetensorsError for a file
+        that is malformed or holds no float32 factors), before anything is copied. Returns an
+        svf.Expert whose p holds the factors."""
+        tensors, meta = safetensors_io.load(path, dtype=torch.float32)
+        info = lora_metadata(path, meta)
         differs = []
         if not same_checkpoint(meta["checkpoint"], self.identity):
             differs.append(f"checkpoint: trained for {meta['checkpoint']}, this model is {self.identity}")
@@ -161,7 +158,7 @@ class LoRA(nn.Module):
                                      + ". (lora.load_adapter_for builds the wrapper the file asks for.)")
         self._check_names(tensors, f"LoRA file {path}")
         device = self.A[0].device
-        return svf.Expert({k: t.to(device, copy=True) for k, t in tensors.items()}, json.loads(meta["info"]), path)
+        return svf.Expert({k: t.to(device, copy=True) for k, t in tensors.items()}, info, path)
 
     def _check_names(self, tensors, what):
         expected = {}
@@ -175,18 +172,57 @@ class LoRA(nn.Module):
                                      f"{self.identity}: shapes (key, shape) differing from those expected: {diff}")
 
 
+def lora_metadata(path, meta):
+    """The `info` of a LoRA file's metadata, after checking its format and that its targets, rank and
+    alpha are what a LoRA file holds; svf.ExpertMismatch naming the file and what was found otherwise."""
+    if meta.get("format") == svf.EXPERT_FORMAT:
+        raise svf.ExpertMismatch(f"{path} is an SVF expert file, not a LoRA file; load it with "
+                                 f"lora.load_adapter_for, which reads either kind")
+    info = svf.expert_metadata(path, meta, LORA_FORMAT, keys=("checkpoint", "targets", "rank", "alpha", "info"))
+    if not meta["rank"].isdigit() or int(meta["rank"]) < 1:
+        raise svf.ExpertMismatch(f"{path}: rank {meta['rank']!r}; expected a positive integer")
+    try:
+        alpha = float(meta["alpha"])
+    except ValueError:
+        alpha = math.nan
+    if not math.isfinite(alpha):
+        raise svf.ExpertMismatch(f"{path}: alpha {meta['alpha']!r}; expected a finite number")
+    return info
+
+
+def check_shapes(path, header, model, targets, rank):
+    """Refuses, before any wrapper allocates its factors, a file whose A and B are not (rank, n) and
+    (m, rank) for the model's targeted weights (m, n): the rank in the metadata sizes the allocation."""
+    expected = {}
+    for name in svf.target_names(model, targets):
+        m, n = model.get_parameter(name).shape
+        key_A, key_B = factor_keys(name)
+        expected[key_A], expected[key_B] = (rank, n), (m, rank)
+    found = {key: tuple(info["shape"]) for key, info in header.items()}
+    if found != expected:
+        diff = sorted(set(found.items()) ^ set(expected.items()), key=str)[:4]
+        raise svf.ExpertMismatch(f"{path}: its factors do not fit rank {rank} on targets {targets!r} of this model: "
+                                 f"(key, shape) differing from those expected: {diff}")
+
+
 def load_adapter_for(model, model_dir, path, **svf_kwargs):
     """(wrapper, Expert) for a single expert file of either kind, SVF or LoRA, told apart by the
     format in its header; the file's tensors are loaded into the wrapper, so `with wrapper.applied():`
     applies it. svf_kwargs (impl, use_cache, log) go to svf.SVF; LoRA needs none of them.
-    Refuses, with svf.ExpertMismatch, a file of neither kind or one made for another checkpoint."""
+    Refuses, with svf.ExpertMismatch, a file of neither kind or one made for another checkpoint; a
+    LoRA file's header is checked in full before the wrapper is made."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"expert file {path} does not exist (train one with reinforce.py)")
-    meta = safetensors_io.read_header(path)[1]
+    header, meta, _ = safetensors_io.read_header(path)
     if meta.get("format") == svf.EXPERT_FORMAT:
         wrapper, expert = svf.load_expert_for(model, model_dir, path, **svf_kwargs)
     elif meta.get("format") == LORA_FORMAT:
-        wrapper = LoRA(model, checkpoint_identity(model_dir), meta["targets"], int(meta["rank"]), float(meta["alpha"]))
+        lora_metadata(path, meta)
+        identity = checkpoint_identity(model_dir)
+        if not same_checkpoint(meta["checkpoint"], identity):
+            raise svf.ExpertMismatch(f"{path}: trained for checkpoint {meta['checkpoint']}, this model is {identity}")
+        check_shapes(path, header, model, meta["targets"], int(meta["rank"]))
+        wrapper = LoRA(model, identity, meta["targets"], int(meta["rank"]), float(meta["alpha"]))
         expert = wrapper.load_expert(path)
     else:
         raise svf.ExpertMismatch(f"{path}: format {meta.get('format')!r}; expected an SVF expert "

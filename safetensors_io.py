@@ -11,6 +11,7 @@ file raises `SafetensorsError` naming the file and the problem.
 """
 
 import json
+import math
 import os
 import tempfile
 
@@ -21,14 +22,37 @@ DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 class SafetensorsError(ValueError):
     pass
 
 
+def _unique_keys(pairs):
+    """object_pairs_hook for json.loads: a key given twice is refused (plain json keeps the last one)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SafetensorsError(f"the header names {twice} more than once")
+    return dict(pairs)
+
+
+def _refuse_constant(name):
+    raise SafetensorsError(f"the header holds {name}, which JSON does not allow")
+
+
+def _count(value):
+    """A JSON integer (not a bool, float or string) >= 0, else None."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def read_header(path):
-    """Returns (header dict without __metadata__, metadata dict, data start offset)."""
+    """Returns (header dict without __metadata__, metadata dict, data start offset). Everything the
+    header claims is checked here, before any tensor is touched: each entry is
+    {"dtype": one of DTYPES, "shape": [int >= 0, ...], "data_offsets": [begin, end]}, the tensors
+    follow one another in the data section without gaps or overlap and fill it exactly (as the
+    reference reader requires), and __metadata__ maps strings to strings."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -38,34 +62,59 @@ def read_header(path):
         if n > MAX_HEADER or 8 + n > size:
             raise SafetensorsError(f"{path}: header length {n} does not fit in a file of {size} bytes")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+        except SafetensorsError as e:
+            raise SafetensorsError(f"{path}: {e}") from None
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+        raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must map strings to strings, found {str(metadata)[:200]}")
     data_len = size - 8 - n
+    spans = []
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry {info!r}") from None
-        if dtype not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; "
-                                   f"expected one of {sorted(DTYPES)}")
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        nbytes = numel * torch.empty((), dtype=DTYPES[dtype]).element_size()
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
+        if not isinstance(info, dict) or set(info) != ENTRY_KEYS:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry {str(info)[:200]}; "
+                                   f"expected an object with exactly the keys {sorted(ENTRY_KEYS)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        if not isinstance(shape, list) or any(_count(d) is None for d in shape):
+            raise SafetensorsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or any(_count(o) is None for o in offsets):
+            raise SafetensorsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; "
+                                   f"expected [begin, end], two integers >= 0")
+        nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()  # Python ints: no overflow
+        begin, end = offsets
+        if end - begin != nbytes or end > data_len:
             raise SafetensorsError(
                 f"{path}: tensor {name!r} ({dtype}, shape {shape}) claims bytes [{begin}, {end}) "
                 f"but needs {nbytes} bytes within a data section of {data_len} bytes "
                 f"(is the file truncated?)")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data section, expected "
+                                   f"{position}: the tensors must follow one another without gaps or overlap")
+        position = end
+    if position != data_len:
+        raise SafetensorsError(f"{path}: the tensors end at byte {position} of a data section of {data_len} bytes; "
+                               f"expected them to fill it")
     return header, metadata, 8 + n
 
 
-def load(path):
-    """Returns ({name: tensor}, metadata). Tensors are copy-on-write views on a memory map."""
+def load(path, dtype=None):
+    """Returns ({name: tensor}, metadata). Tensors are copy-on-write views on a memory map. With
+    `dtype` (a torch dtype), a file holding a tensor of another dtype is refused before any is read."""
     header, metadata, start = read_header(path)
+    if dtype is not None:
+        other = {name: info["dtype"] for name, info in header.items() if DTYPES[info["dtype"]] != dtype}
+        if other:
+            raise SafetensorsError(f"{path}: expected every tensor in {NAMES.get(dtype, dtype)}, found "
+                                   f"{dict(sorted(other.items())[:4])}{' ...' if len(other) > 4 else ''}")
     tensors = {}
     if not header:
         return tensors, metadata

@@ -322,19 +322,18 @@ class SVF(nn.Module):
         safetensors_io.save(path, {name: t.detach().float().cpu() for name, t in p.items()}, meta)
 
     def load_expert(self, path):
-        """Reads an expert file made for this checkpoint and targets; raises ExpertMismatch otherwise."""
-        tensors, meta = safetensors_io.load(path)
-        if meta.get("format") != EXPERT_FORMAT:
-            raise ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {EXPERT_FORMAT!r} "
-                                 f"(is it an SVF expert file?)")
+        """Reads an expert file made for this checkpoint and targets; raises ExpertMismatch otherwise
+        (and safetensors_io.SafetensorsError for a file that is malformed or holds no float32 vectors),
+        before anything is copied."""
+        tensors, meta = safetensors_io.load(path, dtype=torch.float32)
+        info = expert_metadata(path, meta)
         if not same_checkpoint(meta["checkpoint"], self.identity) or meta["targets"] != self.targets:
             raise ExpertMismatch(f"{path}: expert was trained for checkpoint {meta['checkpoint']} (targets "
                                  f"{meta['targets']}), this model is {self.identity} (targets {self.targets})")
         # No check of max_mult: it multiplies every entry of z alike, and the rescaling cancels that.
         self._check_names(tensors, f"expert {path}")
         device = self.p[0].device
-        return Expert({name: tensors[name].to(device, copy=True) for name in self.names},
-                      json.loads(meta["info"]), path)
+        return Expert({name: tensors[name].to(device, copy=True) for name in self.names}, info, path)
 
     def _check_names(self, vectors, what):
         expected = {name: (len(f.sigma),) for name, f in zip(self.names, self.factors)}
@@ -345,17 +344,40 @@ class SVF(nn.Module):
                                  f"(name, shape) differing from what is expected: {diff}")
 
 
+def expert_metadata(path, meta, format=EXPERT_FORMAT, keys=("checkpoint", "targets", "info")):
+    """The `info` dict of an expert file's metadata, after checking its format and that `keys` are there;
+    ExpertMismatch naming the file and what is missing otherwise."""
+    if meta.get("format") != format:
+        raise ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {format!r} "
+                             f"(is it {'an SVF expert' if format == EXPERT_FORMAT else 'a LoRA'} file?)")
+    missing = [key for key in keys if key not in meta]
+    if missing:
+        raise ExpertMismatch(f"{path}: its metadata lacks {missing}; a file written by reinforce.py has {list(keys)}")
+    if "targets" in keys and meta["targets"] not in TARGETS:
+        raise ExpertMismatch(f"{path}: targets {meta['targets']!r}; expected one of {sorted(TARGETS)}")
+    try:
+        info = json.loads(meta["info"])
+    except ValueError as e:
+        raise ExpertMismatch(f"{path}: its metadata's info is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ExpertMismatch(f"{path}: its metadata's info is a JSON {type(info).__name__}, expected an object")
+    return info
+
+
 def file_info(path):
     """What the run that wrote an expert or a cem.py mix recorded in it (task, prompt, steps, accuracy,
     shots, ...), read from the file's header alone: no model needed."""
-    return json.loads(safetensors_io.read_header(path)[1].get("info", "{}"))
+    meta = safetensors_io.read_header(path)[1]
+    return expert_metadata(path, meta, meta.get("format"), keys=("info",)) if "info" in meta else {}
 
 
 def load_expert_for(model, model_dir, path, **svf_kwargs):
-    """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself;
-    load_expert then refuses a file that is no expert or belongs to another checkpoint."""
+    """(SVF wrapper, Expert) for an expert file: the targets are read from the file itself, whose
+    header is checked before the wrapper (and its SVD) is made; load_expert then refuses a file that
+    belongs to another checkpoint."""
     _, meta, _ = safetensors_io.read_header(path)
-    wrapper = SVF(model, checkpoint_identity(model_dir), meta.get("targets", "mlp"), **svf_kwargs)
+    expert_metadata(path, meta)
+    wrapper = SVF(model, checkpoint_identity(model_dir), meta["targets"], **svf_kwargs)
     return wrapper, wrapper.load_expert(path)
 
 
