@@ -176,6 +176,18 @@ def all_reduce_grads(params, scale=1.0):
             g.mul_(scale)
 
 
+def sum_over_ranks(tensors):
+    """tensors (a list) summed over the ranks, in place, and returned: the `reduce` of
+    objectives.policy_gradient_step and nll_step (each half's gradient of p, and the loss's sums).
+    One flat all_reduce; in one process the list itself."""
+    if world_size() > 1 and tensors:
+        flat = torch.cat([t.reshape(-1) for t in tensors])  # one dtype: a list of gradients, or of sums
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+    return tensors
+
+
 def digest(tensors):
     """A short sha256 of tensors ({name: tensor} in name order, or a list): the same on two
     ranks exactly when every bit is, whatever the dtype or device."""

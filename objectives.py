@@ -31,7 +31,7 @@ import torch
 from logprobs import token_logprobs
 
 
-def backward_through_weights(wrapper, model, runs, weights=None):
+def backward_through_weights(wrapper, model, runs, weights=None, reduce=None):
     """Calls each run(forward) of `runs`, which runs micro-batches' forward and backward passes with
     `forward(ids, mask, **kw)`, and carries their gradient to the wrapper's parameters.
     Returns (the runs' results, the cosine between the first two runs' gradients of the parameters
@@ -45,7 +45,8 @@ def backward_through_weights(wrapper, model, runs, weights=None):
 
     Two runs (the two halves of a batch) give two independent estimates of the same gradient: their
     cosine says whether a step is signal (near 1) or noise (near 0). It costs one more backward
-    through the recomposition; the gradient is their sum, as from one run.
+    through the recomposition; the gradient is their sum, as from one run. `reduce` (torchrun:
+    distributed.sum_over_ranks) sums each run's gradient over the processes before that.
     """
     t0 = time.perf_counter()
     weights = wrapper.weights() if weights is None else weights  # {name: W'} with a graph back to the parameters
@@ -66,6 +67,8 @@ def backward_through_weights(wrapper, model, runs, weights=None):
         g = torch.autograd.grad([weights[k] for k in names], params, [leaves[k].grad for k in names],
                                 retain_graph=i < len(runs) - 1, allow_unused=True) if names else [None] * len(params)
         grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+        if reduce is not None:  # every process calls it for every run, rows or none: it is a collective
+            reduce(grads[-1])
         for leaf in leaves.values():
             leaf.grad = None
         t_recomp += time.perf_counter() - t0
@@ -133,7 +136,8 @@ def advantages(rewards, baseline=False, samples=1, device="cpu"):
     return torch.cat([r[h.start:h.stop] - r[h.start:h.stop].mean() for h in halves(len(r))])
 
 
-def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True, weights=None):
+def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad_id, skip_zero=True, weights=None,
+                         rows=None, reduce=None):
     """Accumulates the gradient of the loss into the expert's parameters; returns a dict: loss, kl,
     grad_cos (the cosine between the gradients of the batch's two halves, split between questions),
     backward_s, recompose_s.
@@ -146,12 +150,20 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
     answers all scored alike is such a rollout. B stays the batch size, so the gradient is the same.
     `weights`: the rollouts' W' (backward_through_weights).
+
+    Data parallel (torchrun, reinforce.py): `rewards` are the whole batch's, `rows` the places in
+    it of this process's rollouts (`prompts`, `completions`), and `reduce` sums over the processes;
+    the baselines, the halves and B are the whole batch's, so p moves as in one process.
     """
+    B = len(rewards)
+    rows = list(range(B)) if rows is None else list(rows)
     advantage = advantages(rewards, cfg.baseline, cfg.samples, device=model.inv_freq.device)
-    B = len(prompts)
     nonzero = (advantage != 0).tolist()  # one read from the device, not one per rollout
-    parts = [[i for i in half if cfg.kl > 0 or not skip_zero or nonzero[i]] for half in halves(B, cfg.samples)]
-    if not any(parts):
+    advantage = advantage[rows]
+    local = {r: j for j, r in enumerate(rows)}  # place in the batch -> place in this process's lists
+    parts = [[local[i] for i in half if i in local and (cfg.kl > 0 or not skip_zero or nonzero[i])]
+             for half in halves(B, cfg.samples)]
+    if not (cfg.kl > 0 or not skip_zero or any(nonzero)):  # the whole batch's, so every process agrees
         # Every rollout scored the same under a baseline: the gradient is exactly zero, so skip the
         # forward and backward passes. Adam still takes its step (momentum carries on), as it would.
         for p in wrapper.parameters():
@@ -180,8 +192,10 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
             return total_loss, kl_sum, kl_count
         return run
 
-    results, cos, t_backward, t_recomp = backward_through_weights(wrapper, model, [part(r) for r in parts], weights)
-    loss, kl_sum, kl_count = (sum(x) for x in zip(*results))
+    results, cos, t_backward, t_recomp = backward_through_weights(wrapper, model, [part(r) for r in parts], weights,
+                                                                  reduce)
+    sums = torch.tensor([sum(x) for x in zip(*results)], dtype=torch.float64, device="cpu")  # loss, kl_sum, kl_count
+    loss, kl_sum, kl_count = (reduce([sums])[0] if reduce else sums).tolist()
     return dict(loss=loss, kl=kl_sum / max(kl_count, 1), grad_cos=cos, backward_s=t_backward, recompose_s=t_recomp)
 
 
@@ -206,11 +220,17 @@ def reference_targets(task, examples, tok):
     return [tok.encode(task.reference_completion(ex)) + end for ex in examples]
 
 
-def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
+def nll_step(wrapper, model, prompts, targets, cfg, pad_id, rows=None, reduce=None):
     """Accumulates the gradient of the mean negative log-likelihood per reference token (module
     docstring) into the expert's parameters; returns a dict: loss, grad_cos (between the batch's
-    two halves, as policy_gradient_step), backward_s, recompose_s."""
-    N = sum(len(t) for t in targets)  # every reference token of the batch
+    two halves, as policy_gradient_step), backward_s, recompose_s.
+
+    Data parallel: `targets` are the whole batch's (N counts every reference token), `prompts` this
+    process's, at places `rows` of the batch; `reduce` sums over the processes."""
+    N, n = sum(len(t) for t in targets), len(targets)  # every reference token of the batch, its size
+    rows = list(range(n)) if rows is None else list(rows)
+    targets = [targets[i] for i in rows]
+    local = {r: j for j, r in enumerate(rows)}
 
     def part(rows):
         rows = sorted(rows, key=lambda i: len(prompts[i]) + len(targets[i]))  # similar lengths
@@ -228,6 +248,8 @@ def nll_step(wrapper, model, prompts, targets, cfg, pad_id):
             return total
         return run
 
-    results, cos, t_backward, t_recomp = backward_through_weights(
-        wrapper, model, [part(h) for h in halves(len(prompts), cfg.samples)])
-    return dict(loss=sum(results), grad_cos=cos, backward_s=t_backward, recompose_s=t_recomp)
+    parts = [[local[i] for i in h if i in local] for h in halves(n, cfg.samples)]
+    results, cos, t_backward, t_recomp = backward_through_weights(wrapper, model, [part(p) for p in parts], reduce=reduce)
+    loss = torch.tensor([sum(results)], dtype=torch.float64, device="cpu")
+    return dict(loss=(reduce([loss])[0] if reduce else loss).item(), grad_cos=cos, backward_s=t_backward,
+                recompose_s=t_recomp)

@@ -62,6 +62,7 @@ from types import SimpleNamespace
 
 import torch
 
+import distributed
 import lora
 import run_state
 import svf
@@ -179,27 +180,39 @@ def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg):
     row) with the current expert, their rewards (rewards_of), the policy gradient. Returns the step's log row.
 
     A question's K samples share one prefill (generate's `samples`). A rollout that stopped keeps its
-    stop token, so log pi includes the decision to stop, as the reference answers of nll_step do."""
+    stop token, so log pi includes the decision to stop, as the reference answers of nll_step do.
+    Under torchrun each process rolls out its share of the questions (distributed.shard), all K
+    samples of a question together; the rewards are gathered, so that the baselines are the whole
+    batch's, and the gradient is summed over the processes: p moves as in one process."""
     K = cfg.samples
     t0 = time.perf_counter()
     new_weights = wrapper.weights()  # W' with its graph to the parameters: the rollouts use it, then the update
     t_recomp0 = time.perf_counter() - t0
-    questions = [completer.encode(ex.messages) for ex in batch[::K]]
+    mine = list(distributed.shard(len(batch) // K))  # this process's questions (all of them in one process)
+    rows = [q * K + k for q in mine for k in range(K)]  # their places in the batch
+    questions = [completer.encode(batch[q * K].messages) for q in mine]
     with wrapper.applied(weights={k: w.detach() for k, w in new_weights.items()}):
         completions = completer.generate_ids(questions, samples=K, keep_stop=True)
     t_rollout = time.perf_counter() - t0 - t_recomp0
     prompts = [q for q in questions for _ in range(K)]
     stops = tok.stop_tokens
     outputs = [tok.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
-    correct, rewards = rewards_of(task, batch, outputs, cfg.wrong_reward)
-    step = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id, weights=new_weights)
+    examples = [batch[i] for i in rows]
+    correct, rewards = rewards_of(task, examples, outputs, cfg.wrong_reward)
+    answered = [task.extract(o, ex) is not None for ex, o in zip(examples, outputs)]
+    # one tuple per question of this process, gathered into batch order on every process
+    per_question = distributed.gather_objects(
+        [(correct[j:j + K], rewards[j:j + K], answered[j:j + K], sum(map(len, completions[j:j + K])))
+         for j in range(0, len(rows), K)])
+    correct, rewards, answered = ([x for q in per_question for x in q[i]] for i in range(3))
+    step = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id, weights=new_weights,
+                                rows=rows, reduce=distributed.sum_over_ranks if distributed.world_size() > 1 else None)
     row = {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct),
-           "answered": sum(task.extract(o, ex) is not None for ex, o in zip(batch, outputs)) / len(batch),
-           "kl": step["kl"], "loss": step["loss"], "grad_cos": step["grad_cos"]}
+           "answered": sum(answered) / len(answered), "kl": step["kl"], "loss": step["loss"], "grad_cos": step["grad_cos"]}
     if K > 1:  # questions whose K answers did not all score alike: the only ones a group baseline learns from
         row["mixed"] = sum(len(set(rewards[i:i + K])) > 1 for i in range(0, len(rewards), K))
     return {**row, "rollout_s": t_rollout, "backward_s": step["backward_s"],
-            "recompose_s": step["recompose_s"] + t_recomp0, "new_tokens": sum(map(len, completions))}
+            "recompose_s": step["recompose_s"] + t_recomp0, "new_tokens": sum(q[3] for q in per_question)}
 
 
 def step_batch(task, train_set, step, cfg):
@@ -241,7 +254,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     max_new = cfg.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
     completer = Completer(model, tok, max_new, cfg.temperature, batch_size=cfg.rollout_batch, seed=cfg.seed)
     greedy = Completer(model, tok, max_new, 0.0, batch_size=cfg.rollout_batch)  # validation never samples
-    os.makedirs(run_dir, exist_ok=True)
+    main_rank = distributed.is_main()  # under torchrun only rank 0 writes files (every rank prints to its stdout,
+    os.makedirs(run_dir, exist_ok=True)  # which distributed.setup sends to /dev/null on the others)
     state_path, log_path = os.path.join(run_dir, "state.pt"), os.path.join(run_dir, "log.jsonl")
 
     step, best, step0 = 0, {"accuracy": -1.0, "step": -1, "p": None}, {"p": wrapper.state(), "correct": None}
@@ -260,21 +274,29 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         step, best, step0 = saved["step"], saved["best"], saved.get("step0", step0)
         # drop log rows of a step that was in progress when the run stopped
         rows = [line for line in open(log_path) if json.loads(line)["step"] <= step] if os.path.exists(log_path) else []
-        with open(log_path, "w") as f:
-            f.writelines(rows)
+        if main_rank:
+            with open(log_path, "w") as f:
+                f.writelines(rows)
         print(f"resuming {run_dir} at step {step} (best validation accuracy {best['accuracy']:.4f})")
     elif os.path.exists(state_path):
         raise SystemExit(f"{state_path} exists: pass --resume to continue that run, or choose another --run-dir")
-    else:
+    elif main_rank:
         open(log_path, "w").close()
+    distributed.barrier()  # no rank checks for state.pt after rank 0 has begun writing it
 
     def log(row):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main_rank:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def read(examples):
+    def read(examples):  # under torchrun each process reads its share of the items, and all get every record
         with torch.no_grad(), wrapper.applied():
-            return evaluate(task, examples, greedy, batch_size=len(examples), progress=False)
+            return evaluate(task, examples, greedy, batch_size=len(examples), progress=False,
+                            map_batch=distributed.map_items if distributed.world_size() > 1 else None)
+
+    def save_expert(p, **info):
+        if main_rank:
+            wrapper.save_expert(out, p, **info)
 
     def expert_info(**extra):
         return dict(task=task.name, prompt=task.prompt, steps=best["step"], val_accuracy=best["accuracy"],
@@ -292,9 +314,10 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
               f"| {time.perf_counter() - t0:.1f}s", flush=True)
         log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable,
              "vs_step0": [diff, lo, hi]})
+        distributed.check_same(distributed.digest(wrapper.state()), f"p at step {step}")
         if res.accuracy > best["accuracy"]:
             best.update(accuracy=res.accuracy, step=step, p=wrapper.state())
-            wrapper.save_expert(out, best["p"], **expert_info())
+            save_expert(best["p"], **expert_info())
             print(f"  new best: wrote {out}")
 
     def read_heldout():
@@ -312,14 +335,15 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
               f"{time.perf_counter() - t0:.1f}s", flush=True)
         log({"kind": "heldout", "step": step, "best_step": best["step"], "step0_accuracy": a, "accuracy": b,
              "paired": [diff, lo, hi], "items": len(heldout_set)})
-        wrapper.save_expert(out, best["p"], **expert_info(heldout_items=len(heldout_set), heldout_accuracy=b,
+        save_expert(best["p"], **expert_info(heldout_items=len(heldout_set), heldout_accuracy=b,
                                                           heldout_step0_accuracy=a, heldout_paired=[diff, lo, hi]))
 
     def save_state():
-        atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                           "step0": step0, "generator": completer.generator.get_state(),
-                           "generator_device": completer.generator.device.type, "config": dataclasses.asdict(cfg),
-                           "model_dir": model_dir}, state_path)
+        if main_rank:
+            atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                               "step0": step0, "generator": completer.generator.get_state(),
+                               "generator_device": completer.generator.device.type, "config": dataclasses.asdict(cfg),
+                               "model_dir": model_dir}, state_path)
 
     # A kill (SIGTERM) unwinds like Ctrl-C; the state of the last finished step is already on disk.
     if threading.current_thread() is threading.main_thread():
@@ -330,12 +354,17 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             validate()  # step 0: W' = W up to float error (or --init's expert)
             save_state()
         while step < cfg.steps:
-            batch = step_batch(task, train_set, step, cfg)
+            batch = step_batch(task, train_set, step, cfg)  # the whole batch, alike on every process
             opt.zero_grad(set_to_none=True)
+            if distributed.world_size() > 1:  # each process its own stream, a pure function of the step
+                completer.generator.manual_seed(cfg.seed * 1000003 + step * 1009 + distributed.rank())
             if cfg.objective == "nll":  # the reference answers are the targets: no rollouts
-                prompts = [completer.encode(ex.messages) for ex in batch]
+                rows = [i for q in distributed.shard(len(batch) // cfg.samples)
+                        for i in range(q * cfg.samples, (q + 1) * cfg.samples)]
+                prompts = [completer.encode(batch[i].messages) for i in rows]
                 targets = reference_targets(task, batch, tok)
-                row = nll_step(wrapper, model, prompts, targets, cfg, tok.pad_id)
+                row = nll_step(wrapper, model, prompts, targets, cfg, tok.pad_id, rows=rows,
+                               reduce=distributed.sum_over_ranks if distributed.world_size() > 1 else None)
                 row["tokens"] = sum(map(len, targets))
                 shown = f"nll {row['loss']:.4f} | tokens {row['tokens']}"
             else:
@@ -360,7 +389,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     except KeyboardInterrupt:
         print(f"\ninterrupted after step {step}; the state is in {state_path}: continue with --resume")
         sys.exit(130)
-    plot(log_path, os.path.join(run_dir, "progress.png"))
+    if main_rank:
+        plot(log_path, os.path.join(run_dir, "progress.png"))
     print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f}s; best validation accuracy "
           f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; {n_params:,} trainable parameters; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
@@ -463,9 +493,10 @@ def main(argv=None):
             ap.error(str(e))
         if cfg.baseline or cfg.temperature > 0:
             print("objective nll: --baseline and --temperature shape RL's rollouts and are not used")
+    distributed.check_device(args.device)
     model, tok, model_dir = load(args)
     return train(cfg, model, tok, model_dir, task, args.run_dir or default_run_dir, args.out or default_out, args.resume)
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run(main)  # torchrun --nproc_per_node N reinforce.py ...: one process per rank (distributed.py)

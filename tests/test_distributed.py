@@ -237,6 +237,49 @@ def test_a_failing_rank_stops_the_run_and_leaves_the_last_state(tmp_path, tiny_c
     assert [json.loads(line)["generation"] for line in open(run_dir / "members.jsonl")] == [1] * 5 + [2] * 5
 
 
+def _reinforce_state(d, name):
+    return torch.load(d / name / "state.pt", weights_only=False)
+
+
+def _log(d, name, kind):
+    return [r for r in map(json.loads, open(d / name / "log.jsonl")) if r["kind"] == kind]
+
+
+def test_two_reinforce_steps_under_two_ranks_give_one_process_p(tmp_path, tiny_checkpoint, in_one_process):
+    """reinforce.py under torchrun (greedy rollouts, the half-batch baseline, a held-out slice):
+    each rank rolls out half the questions, the gradient is summed over the ranks, and p after two
+    steps is one process's to float tolerance; the log, the held-out read and the expert are the
+    same; rank 0 alone writes. Then a one-process run resumed under two ranks ends where one
+    process ends (the batches are a pure function of the step)."""
+    one = setup_dir(tmp_path, tiny_checkpoint)
+    in_one_process("reinforce", one)
+    proc, _ = launch(tmp_path, "reinforce", one, ranks=2)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = _reinforce_state(one, "rl-world1"), _reinforce_state(one, "rl-world2")
+    assert a["step"] == b["step"] == 2
+    # Float tolerance: the ranks sum the gradient in another order, and Adam divides each element by
+    # its own magnitude, so an element whose gradient is near 0 moves by up to ~1e-5 differently (lr 0.05)
+    for name in a["p"]:
+        torch.testing.assert_close(a["p"][name], b["p"][name], rtol=0, atol=5e-5)
+    assert not all(torch.equal(a["p"][n], a["step0"]["p"][n]) for n in a["p"])  # p moved
+    for kind in ("step", "eval", "heldout"):
+        rows = [_log(one, f"rl-world{w}", kind) for w in (1, 2)]
+        keys = ("reward", "accuracy", "answered") if kind == "step" else ("accuracy", "step")
+        assert rows[0] and [[r[k] for k in keys] for r in rows[0]] == [[r[k] for k in keys] for r in rows[1]], kind
+        if kind == "step":
+            for r0, r1 in zip(*rows):
+                assert r1["loss"] == pytest.approx(r0["loss"], rel=1e-4)
+                assert r1["grad_cos"] == pytest.approx(r0["grad_cos"], abs=1e-4)
+    assert writes(one, 1) == []
+    assert str(one / "rl-world2" / "state.pt") in writes(one, 0) and str(one / "rl-world2.safetensors") in writes(one, 0)
+    resumed = _reinforce_state(one, "rl-resumed")
+    for name in a["p"]:
+        torch.testing.assert_close(a["p"][name], resumed["p"][name], rtol=0, atol=5e-5)
+    assert [r["step"] for r in _log(one, "rl-resumed", "step")] == [1, 2]
+    groups = _log(one, "rl-groups", "step")  # sampled groups: the ranks' p agree (checked at each validation)
+    assert len(groups) == 2 and all(0 <= r["mixed"] <= 4 for r in groups)
+
+
 # ----------------------------------------------------------------------------- the scenarios (run as a script)
 
 def _spy_writes(d):
@@ -335,6 +378,31 @@ def _scenario(name, d, setattr=setattr):
         cem.main(["--task", "lowbyte", *common, "--experts", *experts, "--shots", "4", "--population", "5",
                   "--generations", "2", "--out", str(d / f"mix-world{tag}.safetensors"),
                   "--run-dir", str(d / f"cem-world{tag}"), *(["--resume"] if resume else [])])
+    elif name == "reinforce":
+        import recipes
+        import reinforce
+        from test_reinforce import LowByteTask
+
+        class Bandit(LowByteTask):  # right for half the bytes, which half by the question: mixed greedy rewards
+            def is_correct(self, answer, example):
+                return (ord(answer) + int(example.problem)) % 2 == 0
+        for module in (reinforce, recipes):
+            setattr(module, "get_task", lambda name, prompt=None, data_dir=None: Bandit())
+        setattr(reinforce, "load", lambda args: (model, tok, model_dir))
+
+        def run(run_name, steps, *flags):
+            reinforce.main(["--task", "lowbyte", "--model", model_dir, "--targets", "all", "--steps", str(steps),
+                            "--batch-size", "16", "--micro-batch", "4", "--rollout-batch", "8", "--lr", "0.05",
+                            "--max-new-tokens", "1", "--baseline", "--eval-every", "1", "--eval-limit", "8",
+                            "--heldout", "8", "--run-dir", str(d / run_name), "--out", str(d / f"{run_name}.safetensors"),
+                            *flags])
+        if W == 1:
+            run("rl-world1", 2)
+            run("rl-resumed", 1)  # the first step here, the second under torchrun
+        else:
+            run("rl-world2", 2)
+            run("rl-resumed", 2, "--resume")
+            run("rl-groups", 2, "--samples", "4", "--temperature", "1.0")  # each rank samples its own stream
     else:
         raise SystemExit(f"unknown scenario {name!r}")
 
