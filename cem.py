@@ -323,8 +323,7 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
                 for i, (alpha, fit, outputs) in enumerate(evaluated):
                     f.write(json.dumps(dict(generation=s["generation"], member=i, alpha=alpha, fitness=list(fit),
                                             outputs=outputs)) + "\n")
-            torch.save(dict(s, config=dataclasses.asdict(cfg), experts=digests), state_path + ".tmp")
-            os.replace(state_path + ".tmp", state_path)
+            run_state.save_state(dict(s, config=dataclasses.asdict(cfg), experts=digests), state_path, "cem")
     t0 = time.perf_counter()
     result = cem(fitness, K * n, cfg.population, cfg.elite_ratio, cfg.generations, 1.0 / K, cfg.init_std,
                  cfg.bounds, cfg.seed, log, state=state, on_generation=save)

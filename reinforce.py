@@ -115,12 +115,6 @@ def raise_interrupt(*_):
     raise KeyboardInterrupt
 
 
-def atomic_torch_save(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 RESUMABLE_CHANGES = ("steps", "rollout_batch")  # settings a resumed run may change: how long, how fast
 
 
@@ -340,10 +334,10 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 
     def save_state():
         if main_rank:
-            atomic_torch_save({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
-                               "step0": step0, "generator": completer.generator.get_state(),
-                               "generator_device": completer.generator.device.type, "config": dataclasses.asdict(cfg),
-                               "model_dir": model_dir}, state_path)
+            run_state.save_state({"p": wrapper.state(), "optimizer": opt.state_dict(), "step": step, "best": best,
+                                  "step0": step0, "generator": completer.generator.get_state(),
+                                  "generator_device": completer.generator.device.type,
+                                  "config": dataclasses.asdict(cfg), "model_dir": model_dir}, state_path, "reinforce")
 
     # A kill (SIGTERM) unwinds like Ctrl-C; the state of the last finished step is already on disk.
     if threading.current_thread() is threading.main_thread():
