@@ -1,14 +1,15 @@
-"""Throughput of the sandbox: all 974 MBPP and 164 HumanEval canonical programs, run by the old
-sandbox (main's, before issue #18) and by this one in each of its modes, alternating, in one run.
+"""Throughput of the sandbox: all 974 MBPP and 164 HumanEval canonical programs, run by an old
+sandbox (by default the one before issue 29, in its two modes) and by this one in each of its modes
+(bwrap, namespaces, guard), alternating, in one run.
 
-    python -m benchmarks.bench_sandbox [--rounds 1] [--old-ref main] [--workers N] [--data-dir DIR]
+    python -m benchmarks.bench_sandbox [--rounds 1] [--old-ref ff5fe67] [--workers N] [--data-dir DIR]
 
 Prints, for each round and each path, how many programs passed and the seconds they took (the
-programs of one task are run by run_many, `workers` at a time, as the code tasks score them), and
-the CPU: lscpu's model name and whether it has amx_bf16 and avx512_bf16. The old path is
-`git show REF:data/sandbox.py` and its child, imported from a temporary directory; it is left out,
-saying so, where git or REF is missing. Other jobs on the machine slow every path alike; the load
-average is printed before and after.
+programs of one task are run by run_many, `workers` at a time, as the code tasks score them), the
+cost per program of each path, and the CPU: lscpu's model name and whether it has amx_bf16 and
+avx512_bf16. The old paths are `git show REF:data/sandbox.py` and its child, imported from a
+temporary directory; they are left out, saying so, where git or REF is missing. Other jobs on the
+machine slow every path alike; the load average is printed before and after.
 """
 
 import argparse
@@ -65,7 +66,8 @@ def cpu():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=1, help="how many times to run each path (alternating)")
-    ap.add_argument("--old-ref", default="main", help="the git revision whose data/sandbox.py is the old path")
+    ap.add_argument("--old-ref", default="ff5fe67", help="the git revision whose data/sandbox.py is the old path "
+                    "(default: main before issue 29)")
     ap.add_argument("--workers", type=int, default=None, help="programs at a time (default: one per CPU)")
     add_data_dir_argument(ap)
     args = ap.parse_args()
@@ -73,15 +75,21 @@ def main():
     programs = canonical_programs(args.data_dir)
     print(f"CPU: {cpu()}; {os.cpu_count()} CPUs; Python {platform.python_version()}; "
           f"load average {os.getloadavg()[0]:.2f}")
-    problem = sandbox.namespaces_problem()
     with tempfile.TemporaryDirectory() as directory:
         old, why = old_sandbox(args.old_ref, directory)
-        paths = [] if old is None else [(f"old ({args.old_ref})", lambda s: old.run_many(s, workers=args.workers))]
-        paths.append(("guard", lambda s: sandbox.run_many(s, workers=args.workers, mode="guard")))
-        if problem is None:
-            paths.append(("namespaces", lambda s: sandbox.run_many(s, workers=args.workers, mode="namespaces")))
-        for skipped in ([f"old: {why}"] if old is None else []) + ([f"namespaces: {problem}"] if problem else []):
-            print(f"left out: {skipped}")
+        skipped = [f"old: {why}"] if old is None else []
+        paths = []
+        for mode in ("guard", "namespaces") if old is not None else ():
+            if mode == "guard" or old.namespaces_problem() is None:
+                paths.append((f"old {mode}", lambda s, mode=mode: old.run_many(s, workers=args.workers, mode=mode)))
+        for mode in sandbox.MODES:
+            problem = sandbox.mode_problem(mode)
+            if problem:
+                skipped.append(f"{mode}: {problem}")
+            else:
+                paths.append((mode, lambda s, mode=mode: sandbox.run_many(s, workers=args.workers, mode=mode)))
+        for why in skipped:
+            print(f"left out: {why}")
         totals = {name: 0.0 for name, _ in paths}
         for round_ in range(1, args.rounds + 1):
             for name, run_many in paths:
@@ -92,11 +100,11 @@ def main():
                     seconds = time.perf_counter() - start
                     totals[name] += seconds
                     cells.append(f"{task} {passed}/{len(sources)} in {seconds:5.1f} s")
-                print(f"round {round_}  {name:12s}  " + "  ".join(cells), flush=True)
+                print(f"round {round_}  {name:14s}  " + "  ".join(cells), flush=True)
     n = sum(len(sources) for sources in programs.values())
     for name, seconds in totals.items():
         per_round = seconds / args.rounds
-        print(f"{name:12s} {per_round:6.1f} s per round, {1000 * per_round / n:5.1f} ms per program")
+        print(f"{name:14s} {per_round:6.1f} s per round, {1000 * per_round / n:5.1f} ms per program")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
