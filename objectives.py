@@ -93,20 +93,31 @@ def halves(n, group=1):
     return (range(0, mid), range(mid, n)) if mid > 0 else (range(0, n),)
 
 
-# Micro-batches of more (padded) tokens than this recompute their layers' activations in the backward
-# pass instead of holding them (Transformer.forward's checkpoint): about a third more compute there,
-# and the activations held fall from about 1.6 MB per token (SmolLM2-135M, float32) to the layers'
-# inputs, 69 KB. Shorter micro-batches, such as ARC's, hold them: they fit, and their steps stay fast.
+# A micro-batch holds the activations of its forward pass until its backward: about 1.13 MB per
+# token for SmolLM2-135M in float32 (benchmarks/memory_plan.py), so at most MICRO_BATCH_TOKENS padded
+# tokens go in one (about 0.6 GB), up to `micro_batch` sequences: fewer when they are long. This is
+# what bounds a step's memory whatever the number of rollouts: at 1024 tokens the peak RSS of 64 ARC
+# rollouts in float32 was 4.46 GiB, at 512 3.88 (RESULTS.md, "The official batch"). A single sequence longer than
+# CHECKPOINT_TOKENS recomputes its layers' activations in the backward pass instead of holding them
+# (Transformer.forward's checkpoint): about a third more compute there, 69 KB a token held.
+MICRO_BATCH_TOKENS = 512
 CHECKPOINT_TOKENS = 2048
 
 
-def micro_batches(prompts, completions, size):
-    """(slice, checkpoint) of each micro-batch of `size` sequences, in the order given; the callers
-    give their rows in order of length, so that each micro-batch pads to less."""
-    for s in range(0, len(prompts), size):
-        sl = slice(s, s + size)
-        tokens = len(prompts[sl]) * max(len(p) + len(c) for p, c in zip(prompts[sl], completions[sl]))
-        yield sl, tokens > CHECKPOINT_TOKENS
+def micro_batches(prompts, completions, size, max_tokens=None):
+    """(slice, checkpoint) of each micro-batch, in the order given: up to `size` sequences while
+    they pad to at most `max_tokens` tokens (always at least one). The callers give their rows in
+    order of length, so that each micro-batch pads to little. max_tokens: MICRO_BATCH_TOKENS by default."""
+    max_tokens = max_tokens or MICRO_BATCH_TOKENS
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    s = 0
+    while s < len(lengths):
+        e, longest = s + 1, lengths[s]
+        while e < len(lengths) and e - s < size and (e - s + 1) * max(longest, lengths[e]) <= max_tokens:
+            longest = max(longest, lengths[e])
+            e += 1
+        yield slice(s, e), (e - s) * longest > CHECKPOINT_TOKENS
+        s = e
 
 
 def check_finite(loss):

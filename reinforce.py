@@ -68,7 +68,7 @@ import run_state
 import svf
 from data import evaluate, get_task
 from data.evaluate import paired_difference
-from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, release_freed_memory
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
 from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, default_names,  # noqa: F401
                      expert_path, recipe)
@@ -187,6 +187,7 @@ def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg):
     questions = [completer.encode(batch[q * K].messages) for q in mine]
     with wrapper.applied(weights={k: w.detach() for k, w in new_weights.items()}):
         completions = completer.generate_ids(questions, samples=K, keep_stop=True)
+    release_freed_memory()  # the packs of W' that decoding made, freed as applied() ended (chat.py says why)
     t_rollout = time.perf_counter() - t0 - t_recomp0
     prompts = [q for q in questions for _ in range(K)]
     stops = tok.stop_tokens

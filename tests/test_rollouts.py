@@ -187,3 +187,22 @@ def test_the_batch_baseline_is_each_halfs_mean_so_the_halves_are_independent():
     first, second = objectives.halves(len(r))
     assert abs(a[first.start:first.stop].sum()) < 1e-6 and abs(a[second.start:second.stop].sum()) < 1e-6
     assert a.tolist()[:4] == [1.5, -0.5, -0.5, -0.5]
+
+
+def test_micro_batches_hold_at_most_their_tokens_and_the_gradient_does_not_depend_on_it(setup, monkeypatch):
+    lengths = [3, 4, 5, 9, 9, 10, 30]
+    prompts, completions = [[1] * (n - 2) for n in lengths], [[2, 3]] * len(lengths)
+    batches = list(objectives.micro_batches(prompts, completions, 4, max_tokens=20))
+    assert [(s.start, s.stop) for s, _ in batches] == [(0, 3), (3, 5), (5, 6), (6, 7)]  # 3 x 5, 2 x 9, 10, 30
+    assert [ck for _, ck in batches] == [False] * 4
+    model, tok, path = setup
+    wrapper = svf.SVF(model, svf.checkpoint_identity(path), "all", use_cache=False, log=lambda *a: None)
+    grads = []
+    for cap in (8, 1000):
+        monkeypatch.setattr(objectives, "MICRO_BATCH_TOKENS", cap)
+        for p in wrapper.parameters():
+            p.grad = None
+        objectives.policy_gradient_step(wrapper, model, [[1, 2, 3], [4, 5], [7, 8, 9, 10], [11]],
+                                        [[6, 7], [8], [9, 10, 11], [12]], [1.0, -1.0, -1.0, 1.0], config(), 256)
+        grads.append(torch.cat([p.grad.flatten() for p in wrapper.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-8)
