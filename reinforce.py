@@ -2,17 +2,18 @@
 or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-token prediction.
 
     python reinforce.py --task arc                 # trains experts/arc.safetensors by its recipe (RECIPES)
-    python reinforce.py --task arc --steps 2       # a two-step try: runs/arc_easy-mlp.safetensors
+    python reinforce.py --task arc --steps 5       # a try: runs/arc_easy-mlp.safetensors
     python reinforce.py --task cls                 # the classification expert of adapt.py --strategy cls
     python reinforce.py --task arc --recipe official --steps 20     # the official code's settings
     python reinforce.py --task arc --kl 0.1 --run-dir runs/arc-kl0.1   # one setting changed
     python reinforce.py --task arc --resume        # continue an interrupted run
     python reinforce.py --task arc --method lora --objective nll   # the paper's LoRA baseline
+    torchrun --nproc_per_node 2 reinforce.py --task arc            # a step's questions over 2 processes
 
 Each task's defaults are the recipe of its shipped expert (recipes.RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
-A run that is not a shipped expert's recipe (a two-step try, `--steps 2`) writes its expert next to
-its run directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
+A run that is not a shipped expert's recipe (a try, `--steps 5`) writes its expert next to its run
+directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
 replaces a file in experts/.
 
 The objective (paper, eq. 1), maximised over the expert's vectors z only (objectives.py writes out
@@ -20,32 +21,41 @@ the loss of a batch, with the KL of whole answers; the log shows the KL per toke
 
     J(z) = E[ log pi_{W'}(y_hat | x) * r(y_hat, y) ] - lambda * D_KL(pi_{W'} || pi_W)
 
-Each step: greedy rollouts y_hat from the current expert, reward r = +1 if the task's scorer accepts
-the answer and -1 otherwise, then one Adam step. `--method lora` trains LoRA's A and B (lora.py;
-rank 16 on q and v by default) in place of SVF's z; `--objective nll` takes one Adam step on the
-negative log-likelihood of the reference answers (objectives.py) in place of the rollouts and
-rewards. The batches, validation, best-on-validation rule, resume, logs and expert file are the
-same for every method and objective: one loop.
+Each step: `--batch-size` B rollouts y_hat from the current expert (the official code's B is 256,
+one greedy answer to each of 256 questions), reward r = +1 if the task's strict scorer accepts the
+answer and -1 otherwise, then one Adam step. The rollouts decode `--rollout-batch` at a time and the
+backward runs in micro-batches (objectives.py), so memory does not grow with B. Each step prints the
+cosine between the gradients of its two halves: near 0, the step is noise; clearly above, signal.
+`--method lora` trains LoRA's A and B (lora.py; rank 16 on q and v by default) in place of SVF's z;
+`--objective nll` takes one Adam step on the negative log-likelihood of the reference answers
+(objectives.py) in place of the rollouts and rewards. The batches, validation, best-on-validation
+rule, resume, logs and expert file are the same for every method and objective: one loop.
 
 Simplifications, as in the official code unless said otherwise: no baseline (`--baseline` subtracts
-the batch's mean reward, which the official code does not; without it a model that is mostly wrong
-gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable text after ~20 steps);
-greedy decoding for the rollouts (`--temperature` T > 0 samples instead, and log pi is then that of
-the distribution sampled from, softmax(logits / T)); the KL term is computed over the whole
-vocabulary at the generated tokens, against the base weights; the gradient norm is clipped to 1e-3; validation every
-10 steps and the best expert on validation is the one kept. We validate on a fixed subset of the
-validation split (`--eval-limit`) to keep a CPU run short; the official code uses all of it.
-`--samples K` (not official) draws K sampled rollouts of each of B/K questions; with `--baseline`
-each rollout's reward is then compared with the mean of its own question's K rollouts (the "group"
-baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
-`--shuffle-options` (not official; multiple-choice tasks) shows each training question with its
-options in a new random order, so the right letter is uniform and preferring a letter earns nothing.
-`--max-difficulty N` (not official) trains on the easier questions only (task.difficulty; GSM8K:
-the number of calculation steps of the reference solution) and validates on all of them.
+the mean reward of each half of the batch, which the official code does not; without it a model that
+is mostly wrong gets mostly -1 rewards, and on SmolLM2 ARC the policy drifts into unparsable text
+after ~20 steps); greedy decoding for the rollouts (`--temperature` T > 0 samples instead, and log
+pi is then that of the distribution sampled from, softmax(logits / T)); the KL term is computed over
+the whole vocabulary at the generated tokens, against the base weights; the gradient norm is clipped
+to 1e-3; the best expert on validation is the one kept. Not official:
+- `--eval-limit N --heldout M`: the first N validation items choose the step kept, each read paired
+  with step 0's; the next M are read only at the end, for step 0 and the step kept, so that one
+  difference is free of the choice (the official code validates on all of them and reports the best).
+- `--wrong-reward w` (-1 < w <= 0): a wrong answer the task can parse (one ARC option) earns w, an
+  unparsable one -1 (rewards_of): a graded reward that pays for answering.
+- `--samples K` draws K sampled rollouts of each of B/K questions, from one prefill per question;
+  with `--baseline` each rollout's reward is compared with the mean of its own question's K (the
+  "group" baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
+- `--shuffle-options` (multiple-choice tasks) shows each training question with its options in a new
+  random order (the same for its K samples), so preferring a letter or a position earns nothing.
+- `--max-difficulty N` trains on the easier questions only (task.difficulty; GSM8K: the number of
+  calculation steps of the reference solution) and validates on all of them.
+- `--init FILE` starts from an expert (e.g. one of `--objective nll`) instead of the official initial p.
 
 Never loses work: the training state (p, Adam, step, best expert, random state) is written atomically
 after every step, so Ctrl-C or a kill costs at most the step in progress; `--resume` continues and,
-with the same flags, ends where an uninterrupted run ends.
+with the same flags, ends where an uninterrupted run ends (also under torchrun with another number of
+processes, for greedy rollouts; sampled ones then draw other, equally likely samples).
 """
 
 import argparse

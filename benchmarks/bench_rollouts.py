@@ -3,7 +3,8 @@ group, and what a whole REINFORCE step of B rollouts costs (issue 28).
 
     python -m benchmarks.bench_rollouts --decode [--batches 16 32 64 128] [--questions 128]
     python -m benchmarks.bench_rollouts --groups [--questions 64 --samples 4]
-    python -m benchmarks.bench_rollouts --step 256 [--dtype bfloat16] [--samples 1]
+    python -m benchmarks.bench_rollouts --step 256 [--dtype bfloat16] [--samples 1] [--threads 2]
+    python -m benchmarks.bench_rollouts --step 256 --ranks 2      # torchrun, 2 processes x 1 thread
 
 --decode: greedy rollouts of the same ARC-Easy training questions (prompt `first`, 32 new tokens, the
 base weights) decoded `--batches` rows at a time: wall seconds and generated tokens per second.
@@ -11,12 +12,15 @@ base weights) decoded `--batches` rows at a time: wall seconds and generated tok
 (generate's `samples`) against the question's K copies prefilled apart; both draw the same tokens.
 --step B: train()'s step before the optimizer for the ARC recipe at B rollouts (B / K questions,
 shuffled options, the batch-mean or group baseline), in a fresh process so that its peak RSS is
-its own: rollout / backward / recomposition seconds, the cosine of the halves' gradients, peak RSS.
+its own: rollout / backward / recomposition seconds, the cosine of the halves' gradients, peak RSS;
+`--ranks N` runs it under torchrun (reinforce.py's data-parallel step, distributed.py), N processes of
+one thread each, and adds the time spent in the all-reduces (the halves' gradients and the sums).
 Medians of --runs (the step: one run per step of --steps). Print the CPU with every number.
 """
 
 import argparse
 import dataclasses
+import os
 import statistics
 import subprocess
 import sys
@@ -84,10 +88,22 @@ def bench_groups(args):
 
 
 def step_child(args):
-    """One process: args.steps steps of the ARC recipe at B = args.step rollouts; prints RESULT lines."""
+    """One process (or one rank): args.steps steps of the ARC recipe at B = args.step rollouts; prints
+    RESULT lines (rank 0)."""
+    import distributed
     import reinforce
     from chat import Completer
     from data import get_task
+    distributed.setup()
+    reduced = []
+    sum_over_ranks = distributed.sum_over_ranks
+
+    def timed_sum(tensors):  # the all-reduces of a step, timed
+        t0 = time.perf_counter()
+        out = sum_over_ranks(tensors)
+        reduced.append(time.perf_counter() - t0)
+        return out
+    distributed.sum_over_ranks = timed_sum
     model, tok = load(args.dtype)
     import checkpoints
     path = checkpoints.default_model_dir()
@@ -101,28 +117,37 @@ def step_child(args):
     for step in range(args.steps):
         wrapper.zero_grad(set_to_none=True)
         batch = reinforce.step_batch(task, train, step, cfg)
+        distributed.barrier()
+        reduced.clear()
         t0, c0 = time.perf_counter(), time.process_time()
         row = reinforce.rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg)
+        if not distributed.is_main():
+            continue
         print(f"RESULT step_s={time.perf_counter() - t0:.1f} cpu_s={time.process_time() - c0:.1f} "
+              f"allreduce_s={sum(reduced):.3f} "
               f"rollout_s={row['rollout_s']:.1f} backward_s={row['backward_s']:.1f} recompose_s={row['recompose_s']:.1f} "
               f"reward={row['reward']:+.3f} answered={row['answered']:.3f} grad_cos={row['grad_cos']} "
               f"mixed={row.get('mixed')} new_tokens={row['new_tokens']} peak_rss_gib={peak_rss_gib():.2f}", flush=True)
 
 
 def bench_step(args):
-    cmd = [sys.executable, "-m", "benchmarks.bench_rollouts", "--step-child", "--step", str(args.step),
-           "--steps", str(args.steps), "--dtype", args.dtype, "--samples", str(args.samples),
-           "--batches", str(args.batches[0]), "--micro-batch", str(args.micro_batch)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    launcher = [sys.executable] if args.ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", "29571"]
+    cmd = launcher + ["-m", "benchmarks.bench_rollouts", "--step-child", "--step", str(args.step),
+                      "--steps", str(args.steps), "--dtype", args.dtype, "--samples", str(args.samples),
+                      "--batches", str(args.batches[0]), "--micro-batch", str(args.micro_batch)]
+    threads = args.threads if args.ranks == 1 else 1
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
     rows = [dict(kv.split("=") for kv in line.split()[1:]) for line in out.stdout.splitlines() if line.startswith("RESULT")]
     if not rows:
         raise SystemExit(out.stderr[-3000:])
     for r in rows:
         print(" ".join(f"{k} {v}" for k, v in r.items()))
     med = lambda k: statistics.median(float(r[k]) for r in rows)  # noqa: E731
-    print(f"| {args.step} rollouts ({args.step // args.samples} x {args.samples}), {args.dtype} | "
-          f"{med('step_s'):.1f} | {med('rollout_s'):.1f} | {med('backward_s'):.1f} | {med('recompose_s'):.1f} | "
-          f"{max(float(r['peak_rss_gib']) for r in rows):.2f} GiB |")
+    print(f"| {args.step} rollouts ({args.step // args.samples} x {args.samples}), {args.dtype}, "
+          f"{args.ranks} process(es) x {threads} thread(s) | {med('step_s'):.1f} | {med('rollout_s'):.1f} | "
+          f"{med('backward_s'):.1f} | {med('recompose_s'):.1f} | {med('allreduce_s'):.2f} | "
+          f"{max(float(r['peak_rss_gib']) for r in rows):.2f} GiB (rank 0) |")
 
 
 def main():
@@ -137,6 +162,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--ranks", type=int, default=1, help="--step under torchrun: processes of one thread each")
+    ap.add_argument("--threads", type=int, default=1, help="--step in one process: its threads")
     ap.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.dtype}", flush=True)
