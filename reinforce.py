@@ -379,6 +379,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
                          + f" | kl {row['kl']:.2e}")
             grad_norm = torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.clip).item()
             opt.step()
+            release_freed_memory()  # the backward's activations: the next rollouts start from the live set
             step += 1
             row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm}
             log(row)
