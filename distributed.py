@@ -97,6 +97,9 @@ def run(main, *args, **kwargs):
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
             print(f"rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise  # no destroy_process_group: it could wait on the ranks still in a collective
+    # All ranks leave together: a rank that tore down its gloo group while another still used it
+    # aborted in C++ at exit ("terminate called without an active exception"), seen under load.
+    dist.barrier()
     dist.destroy_process_group()
     return result
 
