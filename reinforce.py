@@ -305,7 +305,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 
     def expert_info(**extra):
         return dict(task=task.name, prompt=task.prompt, steps=best["step"], val_accuracy=best["accuracy"],
-                    val_items=len(val_set), trainable_params=n_params, config=dataclasses.asdict(cfg), **extra)
+                    val_items=len(val_set), trainable_params=n_params, config=dataclasses.asdict(cfg),
+                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."), **extra)  # --dtype: not in cfg
 
     def validate():
         t0 = time.perf_counter()

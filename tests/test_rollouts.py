@@ -136,6 +136,7 @@ def test_the_held_out_items_are_read_only_at_the_end_for_step_0_and_the_step_kep
     assert [r["vs_step0"][0] for r in rows if r["kind"] == "eval"][0] == 0.0
     info = svf.file_info(str(tmp_path / "run.safetensors"))
     assert info["heldout_items"] == 6 and info["heldout_accuracy"] == held[0]["accuracy"]
+    assert info["dtype"] == str(next(model.parameters()).dtype).removeprefix("torch.")  # --dtype, not in the config
 
 
 def test_a_run_logs_the_cosine_of_its_halves_and_its_mixed_groups(setup, tmp_path):
