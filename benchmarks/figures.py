@@ -2,6 +2,7 @@
 
     python -m benchmarks.figures --routing runs/t2-*-prompt.json runs/t2-*-cls.json \
         --mixes experts/fewshot-*.safetensors --out docs/figures
+    python -m benchmarks.figures --runs runs/arc-b256 runs/arc-g64x4 --out docs/figures
 
 - Figure 4 (`routing.png`): for each strategy of pass 1 (`prompt`, `cls`), the share of each task's
   questions that went to each expert, from `adapt.py --out` files (their "confusion" lists). Files
@@ -9,6 +10,9 @@
   make one matrix, as in the paper; a `--task cls --classify-only` run makes its own.
 - Figure 5 (`alpha.png`): the alpha that cem.py found for each task, one bar per expert (for a
   per-matrix search, the mean over matrices, with its spread as an error bar).
+- Training runs side by side (`runs.png`, not a figure of the paper): from reinforce.py run
+  directories (their log.jsonl), each validation's paired difference against step 0 with its 95%
+  interval, and each step's cosine between the gradients of its two halves (signal or noise).
 
 Needs matplotlib, which is not a dependency: without it the script says so and exits. The numbers
 behind each figure are printed too, so nothing is lost without the pictures.
@@ -52,6 +56,48 @@ def mix_alphas(paths):
             means, spread = list(alpha), [0.0] * len(alpha)
         rows.append((info["task"], names, means, spread))
     return rows
+
+
+def run_curves(run_dirs):
+    """{run name: {"eval": [(step, accuracy, diff, lo, hi)], "cos": [(step, cosine)]}} from reinforce.py
+    run directories. A resumed run may log a step twice (the step in progress when it stopped): the
+    last row of a step is the one its state kept."""
+    out = {}
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "log.jsonl")
+        if not os.path.exists(path):
+            raise ValueError(f"{run_dir} holds no log.jsonl (a run directory of reinforce.py was expected)")
+        evals, steps = {}, {}
+        with open(path) as f:
+            for row in map(json.loads, f):
+                if row["kind"] == "eval":
+                    evals[row["step"]] = (row["step"], row["accuracy"], *row.get("vs_step0", (None,) * 3))
+                elif row["kind"] == "step" and row.get("grad_cos") is not None:
+                    steps[row["step"]] = (row["step"], row["grad_cos"])
+        out[os.path.basename(os.path.normpath(run_dir))] = {"eval": [evals[k] for k in sorted(evals)],
+                                                             "cos": [steps[k] for k in sorted(steps)]}
+    return out
+
+
+def draw_runs(plt, curves, path):
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for name, c in curves.items():
+        shown = [e for e in c["eval"] if e[2] is not None]
+        if shown:
+            steps, diffs = [e[0] for e in shown], [100 * e[2] for e in shown]
+            errs = [[100 * (e[2] - e[3]) for e in shown], [100 * (e[4] - e[2]) for e in shown]]
+            top.errorbar(steps, diffs, yerr=errs, marker="o", capsize=3, label=name)
+        if c["cos"]:
+            bottom.plot([s for s, _ in c["cos"]], [x for _, x in c["cos"]], marker=".", label=name)
+    top.axhline(0, color="grey", lw=0.8)
+    top.set_ylabel("validation vs step 0 (points)")
+    top.legend(fontsize=8)
+    bottom.axhline(0, color="grey", lw=0.8)
+    bottom.set_ylabel("cos(halves' gradients)")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def print_routing(matrices):
@@ -110,10 +156,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--routing", nargs="*", default=[], help="adapt.py --out files of --strategy prompt / cls")
     ap.add_argument("--mixes", nargs="*", default=[], help="few-shot mix files written by cem.py")
-    ap.add_argument("--out", default="docs/figures", help="folder for routing.png and alpha.png")
+    ap.add_argument("--runs", nargs="*", default=[], help="reinforce.py run directories (log.jsonl)")
+    ap.add_argument("--out", default="docs/figures", help="folder for routing.png, alpha.png and runs.png")
     args = ap.parse_args(argv)
-    matrices, rows = routing_matrices(args.routing), mix_alphas(args.mixes)
+    matrices, rows, curves = routing_matrices(args.routing), mix_alphas(args.mixes), run_curves(args.runs)
     print_routing(matrices)
+    for name, c in curves.items():
+        print(f"{name}: validation " + ", ".join(f"step {s} {a:.1%}" + ("" if d is None else f" ({d:+.1%})")
+                                                 for s, a, d, _, _ in c["eval"])
+              + (f"; mean cos(halves) {sum(x for _, x in c['cos']) / len(c['cos']):+.2f}" if c["cos"] else ""))
     for task, names, means, spread in rows:
         print(f"alpha, {task}: " + ", ".join(f"{n} {m:.3f}" + (f" (sd {s:.3f})" if s else "")
                                               for n, m, s in zip(names, means, spread)))
@@ -132,6 +183,9 @@ def main(argv=None):
     if rows:
         written.append(os.path.join(args.out, "alpha.png"))
         draw_alphas(plt, rows, written[-1])
+    if curves:
+        written.append(os.path.join(args.out, "runs.png"))
+        draw_runs(plt, curves, written[-1])
     for path in written:
         print(f"wrote {path}")
     return written

@@ -49,3 +49,20 @@ def test_pictures_are_written_when_matplotlib_is_installed(tmp_path):
     assert [p.rsplit("/", 1)[1] for p in written] == ["routing.png", "alpha.png"]
     for p in written:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_curves_keep_the_last_row_of_a_step_logged_twice_by_a_resume(tmp_path):
+    run = tmp_path / "arc-x"
+    run.mkdir()
+    rows = [{"kind": "eval", "step": 0, "accuracy": 0.25, "vs_step0": [0, 0, 0]},
+            {"kind": "step", "step": 1, "grad_cos": 0.1}, {"kind": "step", "step": 2, "grad_cos": 0.9},
+            {"kind": "step", "step": 2, "grad_cos": 0.3},                   # resumed: step 2 again
+            {"kind": "step", "step": 3, "grad_cos": None},                  # a batch of equal rewards
+            {"kind": "eval", "step": 3, "accuracy": 0.3, "vs_step0": [0.05, 0.01, 0.09]}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = figures.run_curves([str(run) + "/"])
+    assert curves == {"arc-x": {"eval": [(0, 0.25, 0, 0, 0), (3, 0.3, 0.05, 0.01, 0.09)], "cos": [(1, 0.1), (2, 0.3)]}}
+    with pytest.raises(ValueError, match="holds no log.jsonl"):
+        figures.run_curves([str(tmp_path)])
+    pytest.importorskip("matplotlib")
+    assert figures.main(["--runs", str(run), "--out", str(tmp_path / "fig")]) == [str(tmp_path / "fig" / "runs.png")]
