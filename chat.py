@@ -90,14 +90,15 @@ def release_freed_memory():
 _libc = None
 
 
-def add_model_arguments(ap):
-    """The flags every script shares for choosing and running a checkpoint."""
+def add_model_arguments(ap, batch_size=16, batch_help="prompts generated together"):
+    """The flags every script shares for choosing and running a checkpoint (reinforce.py gives
+    --batch-size its own meaning, rollouts per step, and the recipe's default)."""
     ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and SVF factors; p, the optimiser and the loss stay float32 (default: %(default)s)")
     ap.add_argument("--device", default="auto", type=device_arg,
                     help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     add_data_dir_argument(ap)
 
 

@@ -415,7 +415,8 @@ def main(argv=None):
     d = TrainConfig()
     recipe_default = "(default: the task's recipe, see RECIPES)"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(ap)
+    add_model_arguments(ap, batch_size=None, batch_help=f"rollouts per step, questions x --samples {recipe_default}; "
+                        "the official code's: 256")
     ap.add_argument("--task", default=d.task, help="arc (arc_easy), gsm8k, mbpp, cls, ... (default: %(default)s)")
     ap.add_argument("--recipe", default="shipped", choices=["shipped", "official"],
                     help="start from the settings of the task's shipped expert, or of the official code (default: shipped)")

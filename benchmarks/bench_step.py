@@ -4,7 +4,7 @@
     python -m benchmarks.bench_step --memory [--old main] [--micro-batch 8]
 
 A step is what reinforce.py's train() does before the optimizer's step, for the recipe of
-experts/arc.safetensors (reinforce.RECIPES): recompose W', generate the rollouts of 16 ARC-Easy training
+experts/arc.safetensors (reinforce.RECIPES): recompose W', generate the rollouts of its batch of ARC-Easy training
 questions (prompt `first`, options shuffled, 32 new tokens, greedy, `mlp` targets), score them, and
 the policy-gradient backward (micro-batches of 8, baseline) through W' to p. The old code is the
 repository's modules at git revision --old, extracted into a temporary directory and imported beside

@@ -294,6 +294,9 @@ def test_each_task_defaults_to_its_recipe_and_flags_change_single_settings(monke
     reinforce.main(["--task", "arc"])
     assert seen["cfg"] == reinforce.recipe("arc_easy") and seen["out"] == "experts/arc.safetensors"
     assert (seen["cfg"].prompt, seen["cfg"].baseline, seen["cfg"].shuffle_options) == ("first", True, True)
+    assert seen["cfg"].batch_size == 256  # the recipe's, not the shared flags' default for generation
+    reinforce.main(["--task", "arc", "--batch-size", "16"])
+    assert seen["cfg"].batch_size == 16 and seen["out"] != "experts/arc.safetensors"
     reinforce.main(["--task", "arc", "--no-baseline", "--kl", "0.1"])
     assert (seen["cfg"].baseline, seen["cfg"].kl, seen["cfg"].prompt) == (False, 0.1, "first")
     reinforce.main(["--task", "mbpp"])  # group sampling: K = 4 answers of each problem at T = 0.8
