@@ -1,15 +1,20 @@
-"""What a training run is (TrainConfig), and the recipe of each shipped expert (RECIPES), with why.
+"""What a training run is (TrainConfig, and the batches it sees), and the recipe of each shipped
+expert (RECIPES), with why.
 
     recipe("arc")                      # the TrainConfig that made experts/arc.safetensors
     recipe("mbpp", "official")         # the official code's settings for the same task
     expert_path("arc_easy")            # experts/arc.safetensors: where adapt.py and cem.py look
+    step_batch(task, train_set, 3, cfg)  # the examples of step 3: a pure function of the step
 
 reinforce.py trains a TrainConfig (`python reinforce.py --task T` is recipe(T) plus any flag given);
 tests/test_reinforce.py checks that every file in experts/ recorded its task's recipe.
 """
 
 import os
+import random
 from dataclasses import dataclass
+
+import torch
 
 from data import get_task
 
@@ -108,3 +113,31 @@ def default_names(cfg, task_name):
         return os.path.join("runs", f"{task_name}-{cfg.targets}"), expert_path(task_name)
     run_dir = os.path.join("runs", f"{task_name}-{cfg.method}-{cfg.objective}-{cfg.targets}")
     return run_dir, run_dir + ".safetensors"
+
+
+# ----------------------------------------------------------------------------- the batches a run sees
+
+def batch_indices(n, step, batch_size, seed):
+    """Indices of step `step`: walk seeded permutations of the training set, one per epoch.
+
+    A pure function of step, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed * 100003 + epoch), device="cpu")
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset:offset + take].tolist()
+        pos += take
+    return out
+
+
+def step_batch(task, train_set, step, cfg):
+    """The examples of step `step`: batch_size // samples questions (batch_indices), each K times in
+    a row; with shuffle_options each question's options in one new order, shared by its K copies
+    (a group must compare answers, not option orders), seeded by the step so --resume draws the same."""
+    questions = [train_set[i] for i in batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)]
+    if cfg.shuffle_options:
+        rng = random.Random(cfg.seed * 100003 + step)
+        questions = [task.shuffled(ex, rng) for ex in questions]
+    return [ex for ex in questions for _ in range(cfg.samples)]

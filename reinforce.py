@@ -62,7 +62,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import resource
 import signal
 import sys
@@ -80,8 +79,8 @@ from data import evaluate, get_task
 from data.evaluate import paired_difference
 from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, release_freed_memory
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
-from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, default_names,  # noqa: F401
-                     expert_path, recipe)
+from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, batch_indices,  # noqa: F401
+                     default_names, expert_path, recipe, step_batch)
 # the two objectives (advantages stays importable from here, as before it moved)
 from objectives import (advantages, nll_step, policy_gradient_step,  # noqa: F401
                         reference_targets, require_references)
@@ -102,21 +101,6 @@ def make_wrapper(cfg, model, model_dir):
     if cfg.method == "lora":
         return lora.LoRA(model, identity, cfg.targets, cfg.rank, cfg.lora_alpha, seed=cfg.seed)
     return svf.SVF(model, identity, cfg.targets, seed=cfg.seed)
-
-
-def batch_indices(n, step, batch_size, seed):
-    """Indices of step `step`: walk seeded permutations of the training set, one per epoch.
-
-    A pure function of step, so a resumed run draws exactly the batches an uninterrupted one would.
-    """
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed * 100003 + epoch), device="cpu")
-        take = min(batch_size - len(out), n - offset)
-        out += perm[offset:offset + take].tolist()
-        pos += take
-    return out
 
 
 # ----------------------------------------------------------------------------- saving and resuming
@@ -218,17 +202,6 @@ def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg):
         row["mixed"] = sum(len(set(rewards[i:i + K])) > 1 for i in range(0, len(rewards), K))
     return {**row, "rollout_s": t_rollout, "backward_s": step["backward_s"],
             "recompose_s": step["recompose_s"] + t_recomp0, "new_tokens": sum(q[3] for q in per_question)}
-
-
-def step_batch(task, train_set, step, cfg):
-    """The examples of step `step`: batch_size // samples questions (batch_indices), each K times in
-    a row; with shuffle_options each question's options in one new order, shared by its K copies
-    (a group must compare answers, not option orders), seeded by the step so --resume draws the same."""
-    questions = [train_set[i] for i in batch_indices(len(train_set), step, cfg.batch_size // cfg.samples, cfg.seed)]
-    if cfg.shuffle_options:
-        rng = random.Random(cfg.seed * 100003 + step)
-        questions = [task.shuffled(ex, rng) for ex in questions]
-    return [ex for ex in questions for _ in range(cfg.samples)]
 
 
 def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
