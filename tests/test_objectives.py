@@ -145,7 +145,9 @@ def test_the_cli_resolves_each_methods_defaults_and_refuses_contradictions(monke
                         seen.update(cfg=cfg, run_dir=run_dir, out=out))
     reinforce.main(["--task", "arc", "--method", "lora", "--objective", "nll"])
     cfg = seen["cfg"]
-    assert (cfg.targets, cfg.rank, cfg.lora_alpha, cfg.prompt, cfg.steps) == ("qv", 16, 16.0, "first", 40)  # + the recipe
+    recipe = reinforce.recipe("arc")
+    assert (cfg.targets, cfg.rank, cfg.lora_alpha) == ("qv", 16, 16.0)                        # the method's
+    assert (cfg.prompt, cfg.steps, cfg.batch_size) == (recipe.prompt, recipe.steps, recipe.batch_size)  # the recipe's
     assert seen["run_dir"] == "runs/arc_easy-lora-nll-qv" and seen["out"] == "runs/arc_easy-lora-nll-qv.safetensors"
     assert "--baseline and --temperature shape RL's rollouts and are not used" in capsys.readouterr().out
     reinforce.main(["--task", "arc", "--method", "lora", "--rank", "8", "--targets", "mlp"])
