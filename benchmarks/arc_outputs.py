@@ -20,7 +20,7 @@ from data.evaluate import exact_sign_test, paired_difference
 
 def kinds(task, result):
     """Per record: how many options its output names (0, 1 or 2 for several), under the task's rule."""
-    by_id = {ex.id: ex for split in ("validation", "test", "train") for ex in task.load(split)}
+    by_id = {ex.id: ex for ex in task.load(result.split)}
     out = []
     for r in result.records:
         ex = by_id[r.id]
