@@ -42,7 +42,7 @@ to 1e-3; the best expert on validation is the one kept. Not official:
   with step 0's; the next M are read only at the end, for step 0 and the step kept, so that one
   difference is free of the choice (the official code validates on all of them and reports the best).
 - `--wrong-reward w` (-1 < w <= 0): a wrong answer the task can parse (one ARC option) earns w, an
-  unparsable one -1 (rewards_of): a graded reward that pays for answering.
+  unparsable one -1 (objectives.rewards_of): a graded reward that pays for answering.
 - `--samples K` draws K sampled rollouts of each of B/K questions, from one prefill per question;
   with `--baseline` each rollout's reward is compared with the mean of its own question's K (the
   "group" baseline of RLOO and GRPO), so the update says which answer to *this* question was better.
@@ -81,9 +81,9 @@ from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, release_f
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
 from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, batch_indices,  # noqa: F401
                      default_names, expert_path, recipe, step_batch)
-# the two objectives (advantages stays importable from here, as before it moved)
-from objectives import (advantages, nll_step, policy_gradient_step,  # noqa: F401
-                        reference_targets, require_references)
+# the two objectives and the RL step (these names stay importable from here, as before they moved)
+from objectives import (advantages, nll_step, policy_gradient_step, reference_targets,  # noqa: F401
+                        require_references, rewards_of, rollouts_and_gradient)
 
 
 def config_from_args(args):
@@ -147,62 +147,6 @@ def plot(log_path, out_path):
 
 
 # ----------------------------------------------------------------------------- training
-
-def rewards_of(task, batch, outputs, wrong_reward=-1.0):
-    """(correct, rewards): the task's strict scorer judges right; the reward is +1 for a right answer,
-    `wrong_reward` for a wrong one that the task can parse (ARC: exactly one option named), -1 for
-    one it cannot (no option, or several: a list never scores). wrong_reward -1 is the paper's +-1.
-
-    Not the paper's (when above -1): at 135M, 40% of ARC answers name no option at all, and +-1 makes
-    that cost as much as a wrong guess; a graded reward pays a little for committing to one option,
-    and keeps a list at the bottom, where it cannot become a loophole (RESULTS.md, "the scorer loophole")."""
-    correct = task.score_many(batch, outputs)
-    if wrong_reward == -1.0:
-        return correct, [1.0 if c else -1.0 for c in correct]
-    parsed = [task.extract(out, ex) is not None for ex, out in zip(batch, outputs)]
-    return correct, [1.0 if c else wrong_reward if p else -1.0 for c, p in zip(correct, parsed)]
-
-
-def rollouts_and_gradient(wrapper, model, tok, completer, task, batch, cfg):
-    """One RL step's work before the optimizer: the rollouts of `batch` (each question's K copies in a
-    row) with the current expert, their rewards (rewards_of), the policy gradient. Returns the step's log row.
-
-    A question's K samples share one prefill (generate's `samples`). A rollout that stopped keeps its
-    stop token, so log pi includes the decision to stop, as the reference answers of nll_step do.
-    Under torchrun each process rolls out its share of the questions (distributed.shard), all K
-    samples of a question together; the rewards are gathered, so that the baselines are the whole
-    batch's, and the gradient is summed over the processes: p moves as in one process."""
-    K = cfg.samples
-    t0 = time.perf_counter()
-    new_weights = wrapper.weights()  # W' with its graph to the parameters: the rollouts use it, then the update
-    t_recomp0 = time.perf_counter() - t0
-    mine = list(distributed.shard(len(batch) // K))  # this process's questions (all of them in one process)
-    rows = [q * K + k for q in mine for k in range(K)]  # their places in the batch
-    questions = [completer.encode(batch[q * K].messages) for q in mine]
-    with wrapper.applied(weights={k: w.detach() for k, w in new_weights.items()}):
-        completions = completer.generate_ids(questions, samples=K, keep_stop=True)
-    release_freed_memory()  # the packs of W' that decoding made, freed as applied() ended (chat.py says why)
-    t_rollout = time.perf_counter() - t0 - t_recomp0
-    prompts = [q for q in questions for _ in range(K)]
-    stops = tok.stop_tokens
-    outputs = [tok.decode(c[:-1] if c and c[-1] in stops else c) for c in completions]
-    examples = [batch[i] for i in rows]
-    correct, rewards = rewards_of(task, examples, outputs, cfg.wrong_reward)
-    answered = [task.extract(o, ex) is not None for ex, o in zip(examples, outputs)]
-    # one tuple per question of this process, gathered into batch order on every process
-    per_question = distributed.gather_objects(
-        [(correct[j:j + K], rewards[j:j + K], answered[j:j + K], sum(map(len, completions[j:j + K])))
-         for j in range(0, len(rows), K)])
-    correct, rewards, answered = ([x for q in per_question for x in q[i]] for i in range(3))
-    step = policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, tok.pad_id, weights=new_weights,
-                                rows=rows, reduce=distributed.sum_over_ranks if distributed.world_size() > 1 else None)
-    row = {"reward": sum(rewards) / len(rewards), "accuracy": sum(correct) / len(correct),
-           "answered": sum(answered) / len(answered), "kl": step["kl"], "loss": step["loss"], "grad_cos": step["grad_cos"]}
-    if K > 1:  # questions whose K answers did not all score alike: the only ones a group baseline learns from
-        row["mixed"] = sum(len(set(rewards[i:i + K])) > 1 for i in range(0, len(rewards), K))
-    return {**row, "rollout_s": t_rollout, "backward_s": step["backward_s"],
-            "recompose_s": step["recompose_s"] + t_recomp0, "new_tokens": sum(q[3] for q in per_question)}
-
 
 def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
     """Runs cfg.steps steps of cfg.objective on an expert of cfg.method for `task`; returns the best

@@ -44,8 +44,8 @@ def test_a_rollout_that_stopped_keeps_its_stop_token_in_log_pi(setup, monkeypatc
     model, tok, path = setup
     tok.stop_tokens = set(range(128, 259))  # half the bytes stop: most sampled rollouts stop early
     seen = {}
-    real = reinforce.policy_gradient_step
-    monkeypatch.setattr(reinforce, "policy_gradient_step",
+    real = objectives.policy_gradient_step
+    monkeypatch.setattr(objectives, "policy_gradient_step",
                         lambda w, m, p, completions, *a, **k: seen.update(c=completions) or real(w, m, p, completions, *a, **k))
     task = LowByteTask()
     monkeypatch.setattr(task, "score_many", lambda batch, outputs: seen.update(o=outputs) or [False] * len(batch))
