@@ -299,12 +299,14 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             opt.step()
             release_freed_memory()  # the backward's activations: the next rollouts start from the live set
             step += 1
-            row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm}
+            # the process's peak RSS so far: where in a run the memory grows (RESULTS.md, "the official batch")
+            peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm, "peak_rss_gib": peak_gib}
             log(row)
             cos = "n/a" if row["grad_cos"] is None else f"{row['grad_cos']:+.3f}"
             times = " ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in row.items() if k.endswith("_s"))
-            print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | cos(halves) {cos} | {times}",
-                  flush=True)
+            print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | cos(halves) {cos} | {times}"
+                  f" | peak {peak_gib:.2f} GiB", flush=True)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate()
             save_state()

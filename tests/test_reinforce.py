@@ -122,6 +122,8 @@ def test_a_run_resumed_at_step_0_validates_step_0_once(setup, tmp_path, monkeypa
     rows = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]
+    peaks = [r["peak_rss_gib"] for r in rows if r["kind"] == "step"]  # the process's peak so far: never falls
+    assert 0 < peaks[0] <= peaks[1] < 64
 
 
 def test_resume_refuses_different_flags(setup, tmp_path):
