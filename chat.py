@@ -12,6 +12,7 @@ it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.p
 
 import argparse
 import ctypes
+import resource
 import warnings
 
 import torch
@@ -88,6 +89,11 @@ def release_freed_memory():
 
 
 _libc = None
+
+
+def peak_rss_gib():
+    """This process's peak resident memory so far, in GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def add_model_arguments(ap, batch_size=16, batch_help="prompts generated together"):

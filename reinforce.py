@@ -62,7 +62,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import signal
 import sys
 import threading
@@ -77,7 +76,7 @@ import run_state
 import svf
 from data import evaluate, get_task
 from data.evaluate import paired_difference
-from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, release_freed_memory
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, peak_rss_gib, release_freed_memory
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
 from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, batch_indices,  # noqa: F401
                      default_names, expert_path, recipe, step_batch)
@@ -300,7 +299,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             release_freed_memory()  # the backward's activations: the next rollouts start from the live set
             step += 1
             # the process's peak RSS so far: where in a run the memory grows (RESULTS.md, "the official batch")
-            peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            peak_gib = peak_rss_gib()
             row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm, "peak_rss_gib": peak_gib}
             log(row)
             cos = "n/a" if row["grad_cos"] is None else f"{row['grad_cos']:+.3f}"
@@ -319,7 +318,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         plot(log_path, os.path.join(run_dir, "progress.png"))
     print(f"done: {cfg.steps} steps in {time.perf_counter() - t_start:.0f}s; best validation accuracy "
           f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; {n_params:,} trainable parameters; peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+          f"{peak_rss_gib():.2f} GiB")
     return best
 
 

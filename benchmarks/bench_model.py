@@ -23,7 +23,6 @@ directory with LlamaForCausalLM (no download) and times its `generate` and forwa
 
 import argparse
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -31,6 +30,7 @@ import time
 import torch
 
 import checkpoints
+from chat import peak_rss_gib
 from generate import generate
 from model import load_model
 
@@ -64,10 +64,6 @@ def cpu_name():
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")), "?")
     flags = [f for f in ("amx_bf16", "avx512_bf16", "avx2") if f in info.split()]
     return f"{name} ({', '.join(flags) or 'no avx2'})"
-
-
-def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class Ours:
