@@ -12,6 +12,7 @@ it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.p
 
 import argparse
 import ctypes
+import os
 import resource
 import warnings
 
@@ -21,7 +22,7 @@ import checkpoints
 from data import add_data_dir_argument, get_task
 from generate import generate
 from model import load_model
-from products import native_bfloat16
+from products import bfloat16_features, native_bfloat16
 from tokenizer import Tokenizer
 
 # Generation budget per task: enough for the prompt formats in data/ (a letter and the option's
@@ -100,12 +101,46 @@ def add_model_arguments(ap, batch_size=16, batch_help="prompts generated togethe
     """The flags every script shares for choosing and running a checkpoint (reinforce.py gives
     --batch-size its own meaning, rollouts per step, and the recipe's default)."""
     ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights and SVF factors; p, the optimiser and the loss stay float32 (default: %(default)s)")
+    ap.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="weights and SVF factors; p, the optimiser and the loss stay float32. auto: bfloat16 where "
+                         "the device runs it natively (a CUDA GPU of compute capability 8.0 or more, a CPU with "
+                         "avx512_bf16 or amx_bf16), else float32 (default: %(default)s)")
     ap.add_argument("--device", default="auto", type=device_arg,
                     help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     add_data_dir_argument(ap)
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def auto_dtype(device):
+    """(dtype name, why) that --dtype auto means on `device`: bfloat16 where its matrix products run
+    natively, float32 elsewhere. Without native kernels bfloat16 is emulated and slow: on an AMD EPYC
+    with AVX2 only, step 0's 600-item ARC validation took 836 s in bfloat16 against 130 s in float32
+    (issue 38); with avx512_bf16 bfloat16 is the faster (RESULTS.md, "Speed") and holds half the memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        gpu, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        if major >= 8:  # Ampere and later: bfloat16 tensor cores
+            return "bfloat16", f"{gpu}, compute capability {major}.{minor}, runs it natively"
+        return "float32", f"{gpu}, compute capability {major}.{minor}, has no native bfloat16 (8.0 and up have)"
+    if native_bfloat16():
+        return "bfloat16", f"this CPU has {' and '.join(bfloat16_features()) or 'native bfloat16 products'}"
+    limits = [f"{v}={os.environ[v]}" for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if v in os.environ]
+    if limits and bfloat16_features():
+        return "float32", f"this CPU's {' and '.join(bfloat16_features())} turned off by {' '.join(limits)}"
+    return "float32", "this CPU has no native bfloat16: no avx512_bf16 or amx_bf16"
+
+
+def resolve_dtype(args):
+    """args.dtype with "auto" replaced, in args, by what it means on args.device (auto_dtype), said
+    once: the first call prints "dtype auto: bfloat16 (this CPU has avx512_bf16)", later ones find
+    the name already resolved. Returns the name ("float32" or "bfloat16")."""
+    if args.dtype == "auto":
+        args.dtype, why = auto_dtype(resolve_device(getattr(args, "device", "auto")))
+        print(f"dtype auto: {args.dtype} ({why}); --dtype float32 or bfloat16 to choose", flush=True)
+    return args.dtype
 
 
 def resolve_device(name="auto"):
@@ -141,6 +176,7 @@ def load(args):
     """(model, tokenizer, model_dir) from the shared flags, the model on --device."""
     path = checkpoints.resolve_model(args.model)
     device = resolve_device(getattr(args, "device", "auto"))
+    resolve_dtype(args)
     if args.dtype == "bfloat16" and device.type == "cpu" and not native_bfloat16():
         warnings.warn("--dtype bfloat16 on a CPU without native bfloat16 (AVX-512-BF16 or AMX): its matrix "
                       "products fall back to generic loops, and on an AVX2-only CPU prefill ran 6.6 times, "

@@ -27,7 +27,7 @@ import checkpoints
 import distributed
 import svf
 from lora import load_adapter_for
-from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, choose_prompt, load, resolve_dtype
 from data import Result, evaluate, get_task
 from data.evaluate import check_same_run, compare_line
 
@@ -67,6 +67,7 @@ def main(argv=None):
     path = checkpoints.resolve_model(args.model)
     max_new = args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 256)
     # what a resumed run must share with the saved one (batch size only changes the speed)
+    resolve_dtype(args)  # --dtype auto -> float32 or bfloat16: a resumed run must match what ran
     settings = dict(model=os.path.abspath(path), expert=args.expert and os.path.abspath(args.expert),
                     dtype=args.dtype, max_new_tokens=max_new, temperature=0.0)
     if previous is not None:  # refuse a run made another way now, before loading the model

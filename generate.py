@@ -125,10 +125,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     device = model.inv_freq.device
     ids, mask = left_pad(prompts, pad_id, device)
     B, T = ids.shape
-    window = getattr(model.config, "sliding_window", None)
-    if window and T + max_new_tokens > window:
-        raise ValueError(f"sequence of {T + max_new_tokens} tokens exceeds the sliding window "
-                         f"{window}, which this implementation does not apply")
     cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, device)
     stop = set(stop_tokens)
     logits = prefill(model, ids, mask, cache)
@@ -163,12 +159,13 @@ def main():
     ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 where the device runs it natively, else float32 (chat.auto_dtype)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args()
 
     from chat import load  # chat imports this module: imported here, where it is needed
-    model, tok, _ = load(args)  # as every script loads (a warning where bfloat16 would be slow)
+    model, tok, _ = load(args)  # as every script loads (--dtype auto resolved, a warning where bfloat16 would be slow)
     device = model.lm_head.weight.device
     prompt = tok.chat([{"role": "user", "content": args.prompt}])
     t0 = time.perf_counter()

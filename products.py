@@ -8,6 +8,8 @@ matters more than in prefill or training. `matvec` picks the form measured faste
 model.py's decode path calls them; forward, the plain reference, does not.
 """
 
+import platform
+
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +57,23 @@ def native_bfloat16():
     AVX-NE-CONVERT). Without them (an AVX2-only CPU) torch falls back to generic loops: on an AMD
     EPYC with AVX2 only, the default model's 211 products took 4 to 7 times as long in bfloat16 as
     in float32 at 16 and 64 rows, a 512-token prefill 6.6 times and a forward and backward 12 times
-    (RESULTS.md, "Speed"); one row, bound by reading the weights, was 1.5 times faster."""
+    (RESULTS.md, "Speed"); one row, bound by reading the weights, was 1.5 times faster.
+
+    Honours the limits a user sets to run as a lesser CPU would: ONEDNN_MAX_CPU_ISA=AVX2 makes
+    oneDNN's bfloat16 pack fail (can_pack), and ATEN_CPU_CAPABILITY=avx2 (torch's own vector
+    kernels) is read here, so that `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` emulates an
+    AVX2-only CPU whichever of the two is set."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    if x86 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False  # "AVX2", "DEFAULT", "NO AVX": an AVX2-only CPU, or one limited to it
     return can_pack(torch.bfloat16)
+
+
+def bfloat16_features():
+    """The names /proc/cpuinfo gives this CPU's bfloat16 instructions ("amx_bf16", "avx512_bf16"), for
+    messages; empty where torch cannot tell (its private probes, present in torch 2.x)."""
+    probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
 
 
 def packed_weight(linear):

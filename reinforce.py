@@ -2,7 +2,7 @@
 or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-token prediction.
 
     python reinforce.py --task arc                 # trains experts/arc.safetensors by its recipe (RECIPES)
-    python reinforce.py --task arc --steps 5 --heldout 0 --dtype bfloat16   # a try: runs/arc_easy-mlp.safetensors
+    python reinforce.py --task arc --steps 5 --heldout 0   # a try: runs/arc_easy-mlp.safetensors
     python reinforce.py --task cls                 # the classification expert of adapt.py --strategy cls
     python reinforce.py --task arc --recipe official --steps 20     # the official code's settings
     python reinforce.py --task arc --kl 0.1 --run-dir runs/arc-kl0.1   # one setting changed

@@ -162,12 +162,16 @@ def main():
     ap.add_argument("--questions", type=int, default=128)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 where this CPU runs it natively, else float32 (chat.auto_dtype)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ranks", type=int, default=1, help="--step under torchrun: processes of one thread each")
     ap.add_argument("--threads", type=int, default=1, help="--step in one process: its threads")
     ap.add_argument("--step-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.dtype == "auto":
+        from chat import auto_dtype
+        args.dtype = auto_dtype("cpu")[0]
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.dtype}", flush=True)
     if args.step_child:
         step_child(args)
