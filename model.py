@@ -2,7 +2,8 @@
 
 Covers Llama 2/3 (incl. Llama-3 RoPE scaling), Mistral, Qwen2 (q/k/v biases) and SmolLM2:
 RMSNorm, rotary position embeddings in the Hugging Face "split halves" layout, grouped-query
-attention, a SwiGLU MLP and optionally tied input/output embeddings.
+attention (within a sliding window where the config sets one: Mistral v0.1, some Qwen2 layers),
+a SwiGLU MLP and optionally tied input/output embeddings.
 
 Module names copy the Hugging Face keys (`model.layers.0.self_attn.q_proj.weight`, ...), so loading a
 checkpoint is one loop with shape checks, and so does everything that addresses a weight by name
@@ -46,7 +47,8 @@ class ModelConfig:
     attention_bias: bool = False  # Llama: bias on q, k, v and o
     qkv_bias: bool = False  # Qwen2: bias on q, k and v only
     mlp_bias: bool = False
-    sliding_window: int = None
+    sliding_window: int = None  # Mistral, Qwen2: a query sees only the last sliding_window positions
+    layer_types: list = None  # Qwen2: "sliding_attention" or "full_attention" per layer; None: all sliding
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -54,6 +56,15 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers, "
+                             f"num_hidden_layers={self.num_hidden_layers}")
+
+    def window(self, layer):
+        """The sliding window of layer `layer`, or None where it attends to the whole context."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict, source="config.json"):
@@ -71,15 +82,33 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected default or llama3)")
-        # Mistral and Qwen2 may attend within a sliding window; we attend to the whole context,
-        # which is the same for sequences shorter than the window (generate() checks that).
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        window, layer_types = sliding_window_of(cfg)
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
         kwargs.update(rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None,
-                      head_dim=cfg.get("head_dim") or 0, qkv_bias=model_type == "qwen2")
-        kwargs["sliding_window"] = window
+                      head_dim=cfg.get("head_dim") or 0, qkv_bias=model_type == "qwen2",
+                      sliding_window=window, layer_types=layer_types)
         return cls(**kwargs)
+
+
+def sliding_window_of(cfg):
+    """(sliding_window, layer_types) of a config.json dict, read as Hugging Face's config classes read it.
+
+    Llama has no sliding window (a `sliding_window` key in its config is ignored). Mistral attends
+    within `sliding_window` in every layer when it is set (v0.1: 4096; v0.2 on: null). Qwen2 only
+    with `use_sliding_window: true` (false when absent), and then only in the layers from
+    `max_window_layers` (default 28) on, unless `layer_types` names each layer's kind.
+    """
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") == "llama" or window is None:
+        return None, None
+    if cfg.get("model_type") == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            return None, None
+        n, first = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
+        types = cfg.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+        return window, list(types)
+    return window, None
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -295,24 +324,43 @@ class Transformer(nn.Module):
         positions = (key_mask.long().cumsum(1)[:, past:] - 1).clamp(min=0)  # (B, T)
         cos, sin = self.rope(positions[:, None], past + T)  # (B, 1, T, hd), broadcast over heads
 
-        mask = None  # None: plain causal attention (SDPA's fast path)
-        padded = not bool(key_mask.all())
-        if padded or (past > 0 and T > 1):
-            S = past + T
-            q_pos = torch.arange(past, S, device=input_ids.device)
-            causal = torch.arange(S, device=input_ids.device)[None, :] <= q_pos[:, None]  # (T, S)
-            # every query also sees itself, so that rows of pure padding never softmax over nothing
-            self_key = torch.arange(S, device=input_ids.device)[None, :] == q_pos[:, None]
-            mask = (causal[None] & key_mask[:, None, :]) | self_key[None]  # (B, T, S)
-            mask = mask[:, None]  # (B, 1, T, S)
+        masks = self.attention_masks(key_mask, past, T)
 
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.model.layers):
+            mask = masks[self.config.window(i)]
             x = checkpointed(layer, x, cos, sin, mask, None, i) if checkpoint else layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         x = self.model.norm(x[:, logits_from:])
         return self.lm_head(x) if head else x  # (B, T, vocab) or (B, T, C)
+
+    def attention_masks(self, key_mask, past, T):
+        """{window: mask} for the T queries at columns past..past+T-1 over the keys key_mask (B, S)
+        marks real: the mask (B, 1, T, S), True where a query may see a key, of the layers with that
+        sliding window (None: the whole context). A mask of None is plain causal attention, SDPA's
+        fast path, where nothing needs masking.
+
+        A query at column i sees the keys j <= i, and in a sliding window W only those with
+        i - j < W: itself and the W - 1 before it, as Hugging Face's Mistral and Qwen2 mask
+        (sliding_window_overlay in transformers' masking_utils.py: kv_idx > q_idx - W). Columns
+        measure distance in tokens because padding is on the left only: a row's real tokens are
+        contiguous, as the ones of a cache are.
+        """
+        S = past + T
+        windows = {self.config.window(i) for i in range(self.config.num_hidden_layers)}
+        masks = {}
+        for window in windows:
+            needed = not bool(key_mask.all()) or (past > 0 and T > 1) or (window is not None and S > window)
+            if not needed:
+                masks[window] = None
+                continue
+            cols = torch.arange(S, device=key_mask.device)
+            behind = cols[past:, None] - cols[None, :]  # (T, S): how far key j lies behind query i
+            seen = (behind >= 0) if window is None else (behind >= 0) & (behind < window)
+            # every query also sees itself, so that rows of pure padding never softmax over nothing
+            masks[window] = ((seen[None] & key_mask[:, None, :]) | (behind == 0)[None])[:, None]  # (B, 1, T, S)
+        return masks
 
     def decode(self, tokens, cache):
         """Logits (B, vocab) of the token after `tokens` (B,): one new token per row of the cache.
@@ -333,9 +381,12 @@ class Transformer(nn.Module):
         # on a CPU); else the S written ones
         n = cache.key_mask.shape[1] if attends_whole_cache(cache.k[0]) else S
         mask = cache.key_mask[:, None, None, :n]  # (B, 1, 1, n): True at the columns of real tokens
+        # in a sliding window W, the new token (column S - 1) sees the columns from S - W on
+        masks = {w: mask if w is None or S <= w else mask & (torch.arange(n, device=mask.device) >= S - w)
+                 for w in {self.config.window(i) for i in range(self.config.num_hidden_layers)}}
         x = self.model.embed_tokens(tokens)  # (B, C)
         for i, layer in enumerate(self.model.layers):
-            x = layer.decode(x, cos, sin, mask, cache, i)
+            x = layer.decode(x, cos, sin, masks[self.config.window(i)], cache, i)
         cache.length = S
         return matvec(self.lm_head, self.model.norm(x))  # (B, vocab)
 

@@ -38,6 +38,12 @@ TINY = {
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                    tie_word_embeddings=False, hidden_act="silu"),
+    # Mistral v0.1: a sliding window (shorter than the tests' sequences, so that it matters),
+    # an explicit head_dim that is not hidden_size / heads
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=103, hidden_size=48,
+                    intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
+                    sliding_window=5, tie_word_embeddings=False, hidden_act="silu"),
 }
 
 

@@ -14,11 +14,12 @@ from logprobs import token_logprobs
 import products
 from model import KVCache, ModelConfig, left_pad, load_model
 
-KINDS = ["llama", "qwen2", "llama3"]
+KINDS = ["llama", "qwen2", "llama3", "mistral"]  # mistral: a sliding window of 5, shorter than most inputs
 
 
 def reference_forward(model, ids):
-    """The same network written as plainly as possible: no cache, no masks, loops over heads."""
+    """The same network written as plainly as possible: no cache, no masks, loops over heads.
+    A layer with a sliding window W masks, beside the future, the keys W or more positions back."""
     c, sd = model.config, dict(model.named_parameters())
     T, hd = ids.shape[0], c.head_dim
 
@@ -69,6 +70,9 @@ def reference_forward(model, ids):
             kn = rope(k[:, kv * hd:(kv + 1) * hd])
             att = qn @ kn.T / math.sqrt(hd)
             att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+            W = c.window(l)
+            if W is not None:  # query i sees key j only if i - j < W
+                att = att.masked_fill(torch.tensor([[i - j >= W for j in range(T)] for i in range(T)]), float("-inf"))
             heads.append(torch.softmax(att, -1) @ v[:, kv * hd:(kv + 1) * hd])
         x = x + linear(torch.cat(heads, -1), p + "self_attn.o_proj")
         h = norm(x, sd[p + "post_attention_layernorm.weight"])
@@ -85,6 +89,45 @@ def test_matches_naive_reference(tiny_checkpoint, kind):
     ids = torch.randint(0, config.vocab_size, (11,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids[None])[0], reference_forward(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_matches_the_reference_and_changes_the_logits(tiny_checkpoint):
+    """Mistral's window in every layer, Qwen2's in the layers from max_window_layers on: forward, the
+    chunked log-probabilities of training and scoring, and the naive reference agree, and differ
+    from full attention once the input is longer than the window."""
+    for kind, overrides in (("mistral", {}), ("qwen2", dict(use_sliding_window=True, sliding_window=3,
+                                                             max_window_layers=1))):
+        model, config = load_model(tiny_checkpoint(kind, **overrides))
+        ids = torch.randint(3, config.vocab_size, (11,), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            got = model(ids[None])[0]
+            torch.testing.assert_close(got, reference_forward(model, ids), atol=1e-4, rtol=1e-4)
+            W = config.sliding_window
+            lp, _ = token_logprobs(model, [ids[:3].tolist()], [ids[3:].tolist()])
+            want = torch.log_softmax(got, -1)[2:-1].gather(-1, ids[3:, None])[:, 0]
+            torch.testing.assert_close(lp[0], want, atol=1e-5, rtol=1e-5)
+            model.config.sliding_window = None  # the same weights attending to the whole context
+            full = model(ids[None])[0]
+        torch.testing.assert_close(full[:W], got[:W], atol=1e-5, rtol=1e-5)  # inside the window: the same
+        assert (full[W:] - got[W:]).abs().max() > 1e-2, kind  # beyond it the window matters
+
+
+def test_sliding_window_is_read_as_hugging_face_reads_it():
+    from conftest import TINY
+    from model import sliding_window_of
+    mistral = ModelConfig.from_hf(TINY["mistral"])
+    assert [mistral.window(i) for i in range(2)] == [5, 5]
+    assert ModelConfig.from_hf(dict(TINY["mistral"], sliding_window=None)).window(0) is None  # v0.2 on
+    assert sliding_window_of(dict(TINY["llama"], sliding_window=4)) == (None, None)  # Llama has none
+    qwen = dict(TINY["qwen2"], sliding_window=3)
+    assert sliding_window_of(qwen) == (None, None)  # use_sliding_window: false
+    assert sliding_window_of({k: v for k, v in qwen.items() if k != "use_sliding_window"}) == (None, None)
+    on = ModelConfig.from_hf(dict(qwen, use_sliding_window=True, max_window_layers=1))
+    assert [on.window(i) for i in range(2)] == [None, 3]
+    assert [ModelConfig.from_hf(dict(qwen, use_sliding_window=True)).window(i) for i in range(2)] == [None, None]
+    types = ["sliding_attention", "full_attention"]
+    assert [ModelConfig.from_hf(dict(qwen, use_sliding_window=True, layer_types=types)).window(i)
+            for i in range(2)] == [3, None]
 
 
 def test_config_variants(tiny_checkpoint):
