@@ -185,7 +185,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             raise SystemExit(f"--resume: no training state at {state_path}; start without --resume")
         saved = run_state.load_state(state_path, "reinforce")  # no pickled code runs; a GPU run's state loads anywhere
         check_resumable(saved, cfg, model_dir)
-        wrapper.load_state(saved["p"])
+        run_state.load_vectors(wrapper, saved, state_path)  # p (and the best, step 0's) against this expert, named
         opt.load_state_dict(saved["optimizer"])  # Adam moves its moments to p's device
         sampled_on = saved.get("generator_device", "cpu")
         if sampled_on != completer.generator.device.type:  # the two generators' states do not convert
@@ -194,7 +194,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         completer.generator.set_state(saved["generator"])
         step, best, step0 = saved["step"], saved["best"], saved.get("step0", step0)
         # drop log rows of a step that was in progress when the run stopped
-        rows = [line for line in open(log_path) if json.loads(line)["step"] <= step] if os.path.exists(log_path) else []
+        rows = run_state.log_until(log_path, step, state_path)  # refuses a step past the log's last
         if main_rank:
             with open(log_path, "w") as f:
                 f.writelines(rows)
@@ -224,6 +224,8 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
                     val_items=len(val_set), trainable_params=n_params, config=dataclasses.asdict(cfg),
                     dtype=str(next(model.parameters()).dtype).removeprefix("torch."), **extra)  # --dtype: not in cfg
 
+    timing = {"validation_s": None, "steps_done": 0}  # this process's measures, for the pace said after step 1
+
     def validate():
         t0 = time.perf_counter()
         res = read(val_set)
@@ -234,6 +236,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         print(f"eval step {step} | validation accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) "
               f"| vs step 0 {diff:+.4f} ({lo:+.4f} to {hi:+.4f}) | unparsable {res.unparsable:.1%} "
               f"| {time.perf_counter() - t0:.1f}s", flush=True)
+        timing["validation_s"] = time.perf_counter() - t0
         log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable,
              "vs_step0": [diff, lo, hi]})
         distributed.check_same(distributed.digest(wrapper.state()), f"p at step {step}")
@@ -276,6 +279,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             validate()  # step 0: W' = W up to float error (or --init's expert)
             save_state()
         while step < cfg.steps:
+            t_step = time.perf_counter()
             batch = step_batch(task, train_set, step, cfg)  # the whole batch, alike on every process
             opt.zero_grad(set_to_none=True)
             if distributed.world_size() > 1:  # each process its own stream, a pure function of the step
@@ -306,6 +310,10 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             times = " ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in row.items() if k.endswith("_s"))
             print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | cos(halves) {cos} | {times}"
                   f" | peak {peak_gib:.2f} GiB", flush=True)
+            timing["steps_done"] += 1
+            if timing["steps_done"] == 1 and step < cfg.steps:  # how long the rest takes at this step's pace
+                print(pace(step, cfg, time.perf_counter() - t_step, timing["validation_s"],
+                           len(heldout_set) / max(len(val_set), 1)), flush=True)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 validate()
             save_state()
@@ -320,6 +328,26 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
           f"{best['accuracy']:.4f} at step {best['step']}, expert in {out}; {n_params:,} trainable parameters; peak RSS "
           f"{peak_rss_gib():.2f} GiB")
     return best
+
+
+def pace(step, cfg, step_s, validation_s, heldout_ratio=0.0):
+    """What is left of a run after `step` at this pace, as a line: steps left x step_s, plus the
+    validations left (after every cfg.eval_every-th step and the last) x validation_s, plus the
+    held-out reading (step 0 and the step kept, each heldout_ratio of a validation). Where no
+    validation was timed in this process (a resumed run), the steps alone, and it says so."""
+    steps = cfg.steps - step
+    validations = sum(s % cfg.eval_every == 0 or s == cfg.steps for s in range(step, cfg.steps + 1))
+    parts = [f"{steps} step{'s' * (steps != 1)}"]
+    seconds = steps * step_s
+    if validation_s is None:
+        parts.append("validations not timed yet")
+    else:
+        seconds += (validations + 2 * heldout_ratio) * validation_s
+        parts.append(f"{validations} validation{'s' * (validations != 1)}")
+        if heldout_ratio:
+            parts.append("the held-out reading")
+    left = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return f"at this pace: about {left} more ({', '.join(parts)})"
 
 
 def paired(a, b):

@@ -2,7 +2,8 @@
 
 Splits (as in the official code, SakanaAI/self-adaptive-llms tasks/arc.py):
 - `arc_easy` (alias `arc`), the *reasoning* expert's task: the ARC-Easy training file split by index,
-  even indices -> "train" (1126), odd indices -> "validation" (1125); "test" is ARC-Easy test (2376).
+  even indices -> "train" (1124), odd indices -> "validation" (1124), less the 3 test questions the
+  file repeats (2 even, 1 odd; the official code keeps them); "test" is ARC-Easy test (2376).
   The released ARC-Easy validation file (570) is not used, as in the official code.
 - `arc_challenge`, an adaptation target: "test" (1172) is evaluated; "train" (1119) and
   "validation" (299) are the released files, available for few-shot shots.
@@ -148,6 +149,12 @@ LETTERED = ("official", "letter", "restate")   # prompts that show the options a
 REASONING = ("official",)                     # prompts that ask for a chain of thought first
 
 
+def same_question(record):
+    """What makes two ARC records the same question: its text and its set of options (whitespace aside)."""
+    squash = lambda t: " ".join(t.split())  # noqa: E731
+    return squash(record["question"]), frozenset(map(squash, record["choices"]["text"]))
+
+
 class ArcTask(Task):
     name = "arc_easy"
     subset = "ARC-Easy"
@@ -158,6 +165,11 @@ class ArcTask(Task):
     def records(self, split):
         if self.subset == "ARC-Easy" and split in ("train", "validation"):
             rows = even_odd(self.read(f"{self.name}/ARC-Easy-train.jsonl"), split)
+            # The train file repeats 3 test questions verbatim (the same question and options, in
+            # another order for one): 2 in the training half, 1 in validation. Dropped after the
+            # even/odd split, so every other question keeps its side (data/cls.py drops them too).
+            test = {same_question(r) for r in self.read(f"{self.name}/ARC-Easy-test.jsonl")}
+            rows = [r for r in rows if same_question(r) not in test]
         else:
             rows = self.read(f"{self.name}/{self.subset}-{split}.jsonl")
         return [self._normalize(r) for r in rows]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import objectives
+import recipes
 import reinforce
 import svf
 from data.task import Example, Task
@@ -227,6 +228,36 @@ def test_batches_cover_the_training_set_each_epoch():
     assert len(reinforce.batch_indices(10, 0, 16, 0)) == 16  # batch larger than an epoch wraps around
 
 
+def test_the_pace_counts_steps_validations_and_the_heldout_reading():
+    cfg = config(steps=5, eval_every=5)
+    assert reinforce.pace(1, cfg, 60.0, 120.0) == "at this pace: about 6 min more (4 steps, 1 validation)"
+    assert reinforce.pace(1, cfg, 60.0, 120.0, heldout_ratio=0.5) == \
+        "at this pace: about 8 min more (4 steps, 1 validation, the held-out reading)"  # 240 + 120 + 2 x 60 s
+    cfg = config(steps=30, eval_every=5)  # after step 5, before its validation: 25 steps, 6 validations
+    assert reinforce.pace(5, cfg, 10.0, 20.0) == "at this pace: about 6 min more (25 steps, 6 validations)"
+    assert reinforce.pace(29, cfg, 10.0, None) == "at this pace: about 10 s more (1 step, validations not timed yet)"
+
+
+def test_the_pace_is_said_once_after_the_first_step(setup, tmp_path, capsys):
+    run(setup, tmp_path, steps=3, eval_every=2)
+    lines = capsys.readouterr().out.splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("at this pace: about ")]
+    assert len(said) == 1 and lines[said[0] - 1].startswith("step    1/3")
+    assert lines[said[0]].endswith("(2 steps, 2 validations)")
+
+
+@pytest.mark.parametrize("n, batch", [(1124, 256), (1126, 256), (48, 16), (50, 16), (300, 256), (256, 256)])
+def test_a_batch_spanning_two_epochs_holds_distinct_questions(n, batch):
+    """No question in both halves of a step: the ARC recipe's batches of 256 from 1126 questions held
+    7 to 14 repeats at steps 4, 8, 13, 17, 26 (0-based) when the next epoch's order was drawn blind."""
+    for step in range(40):
+        b = reinforce.batch_indices(n, step, batch, seed=0)
+        assert len(set(b)) == len(b) == batch, step
+    for epoch in range(3):  # every epoch still covers the training set once
+        order = recipes.epoch_order(n, epoch, batch, 0)
+        assert sorted(order) == list(range(n))
+
+
 def test_validation_is_greedy_when_rollouts_sample(setup, tmp_path):
     """--temperature changes the rollouts only: the step-0 validation (base weights) is the greedy
     accuracy whatever the seed, and the sampled training batches differ between seeds."""
@@ -335,6 +366,12 @@ def test_only_the_recipe_replaces_a_shipped_expert(monkeypatch, tmp_path):
 EXPERTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experts")
 
 
+# A recipe's setting that changed after its shipped file was trained, (recorded, recipe's now), with why:
+# ARC-Easy's validation half lost the test question it repeated (data/arc.py, issue 38), 1125 -> 1124
+# items, so 600 choose the step and 524, not 525, are left to hold out.
+CHANGED_SINCE_TRAINED = {"arc.safetensors": {"heldout": (525, 524)}}
+
+
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(EXPERTS) if f.endswith(".safetensors")
                                         and not f.startswith("fewshot-")))
 def test_every_shipped_expert_was_made_by_its_tasks_recipe(name):
@@ -345,6 +382,9 @@ def test_every_shipped_expert_was_made_by_its_tasks_recipe(name):
     # older files wrote prompt None for the task's default, and lack settings added since (at their defaults)
     recorded = {**dataclasses.asdict(reinforce.TrainConfig()), **info["config"], "task": task.name, "prompt": task.prompt}
     expected = dataclasses.asdict(reinforce.recipe(info["task"]))
+    for key, (then, now) in CHANGED_SINCE_TRAINED.get(name, {}).items():  # known, until the file is trained again
+        assert (recorded[key], expected[key]) == (then, now), key
+        recorded[key] = now
     assert recorded == expected
     assert reinforce.expert_path(info["task"]) == os.path.join("experts", name)
 
