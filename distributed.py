@@ -6,8 +6,8 @@
     python evaluate_model.py --task arc_easy --split test                        # one process, as always
 
 Every script runs whole in every process (a *rank*): each loads the model, takes its share of the
-work's items (`shard`), and the ranks exchange results (`gather_objects`), gradients
-(`all_reduce_grads`) or checks (`check_same`) through torch.distributed's collectives. Nothing here
+work's items (`shard`), and the ranks exchange results (`gather_objects`), gradients and sums
+(`sum_over_ranks`) or checks (`check_same`) through torch.distributed's collectives. Nothing here
 is a scheduler of its own: torchrun starts the ranks and sets RANK, WORLD_SIZE, LOCAL_RANK and the
 rendezvous address in their environment; `setup` reads them and joins the process group, NCCL for
 CUDA tensors (each rank on its own GPU, cuda:LOCAL_RANK) and gloo for CPU tensors and pickled
@@ -24,16 +24,18 @@ later) and prints the failure with its rank and traceback (recorded by torch's `
 error file torchrun reads). A rank killed outright is reported by its signal. A rank that hangs
 without dying stops the others after TIMEOUT, the process group's limit on one collective.
 
-reinforce.py (data parallel REINFORCE, one step):
+reinforce.py (data parallel REINFORCE, one step; objectives.rollouts_and_gradient):
 
-    questions = batch_indices(...)                        # the step's global batch, every rank alike
-    mine = [questions[i] for i in distributed.shard(len(questions))]  # K samples of a question stay together
-    ... rollouts and loss.backward() on `mine`, the loss a sum over this rank's rollouts ...
-    distributed.all_reduce_grads(wrapper.parameters(), 1 / global_rollouts)   # = one process's mean
+    batch = step_batch(...)                               # the step's global batch, every rank alike
+    mine = distributed.shard(len(batch) // K)             # this rank's questions, each with its K samples
+    ... rollouts of `mine` and their rewards ...
+    per_question = distributed.gather_objects(...)        # every question's rewards, in batch order, on
+                                                          # every rank: the baselines are the batch's
+    policy_gradient_step(..., rows=..., reduce=distributed.sum_over_ranks)
+        # each half's loss is over this rank's rollouts but divided by the global B; its gradient of p
+        # is summed over the ranks (one flat all_reduce per half), so p.grad is one process's
     clip_grad_norm_(...); opt.step()                      # same gradient, same p on every rank
-    rewards = distributed.gather_objects(my_rewards)      # one list of K rewards per question of `mine`:
-                                                          # gathered per question, so in batch order
-    distributed.check_same(distributed.digest(wrapper.state()), f"p after step {step}")  # at validation
+    distributed.check_same(distributed.digest(wrapper.state()), f"p at step {step}")  # at validation
     if distributed.is_main(): save_state(); log(row)
 """
 
@@ -156,27 +158,6 @@ def map_items(fn, items):
     if len(results) != len(mine):
         raise ValueError(f"rank {rank()}: {len(results)} results for {len(mine)} items")
     return gather_objects(results)
-
-
-def all_reduce_grads(params, scale=1.0):
-    """Sums the gradients of `params` over the ranks and multiplies them by `scale`, in place.
-
-    Each rank's .grad holds the sum over its own items (a missing .grad counts as zeros); pass
-    scale = 1 / (the number of items of all ranks) to get one process's mean over the global batch,
-    before clipping and the optimizer step. One flat all_reduce, not one per tensor."""
-    params = list(params)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    if world_size() > 1 and grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-    if scale != 1.0:
-        for g in grads:
-            g.mul_(scale)
 
 
 def sum_over_ranks(tensors):

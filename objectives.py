@@ -9,7 +9,8 @@
   where KL_i = sum_t KL(pi_{W'}(. | x_i, y_hat_i,<t) || pi_W(. | ...)) is the KL between the two
   models' distributions of whole answers (chain rule), estimated at the answer generated: a sum
   over its tokens, as the policy term is. (A mean over all tokens would weigh lambda 1/L as much,
-  L the mean answer length.) With --baseline, r_i less the batch's (or question's) mean reward.
+  L the mean answer length.) With --baseline, r_i less the mean reward of its half of the batch (each
+  half its own, advantages), or of its question's K samples.
 - `nll` (nll_step): next-token prediction of the reference answer, the objective of the paper's LoRA
   baseline (Table 1) and of Table 4's "SVF + next-token prediction" row:
 
@@ -34,7 +35,7 @@ from chat import release_freed_memory
 from logprobs import token_logprobs
 
 
-def backward_through_weights(wrapper, model, runs, weights=None, reduce=None):
+def backward_through_weights(wrapper, model, runs, weights=None, reduce=None, aside=False):
     """Calls each run(forward) of `runs`, which runs micro-batches' forward and backward passes with
     `forward(ids, mask, **kw)`, and carries their gradient to the wrapper's parameters.
     Returns (the runs' results, the cosine between the first two runs' gradients of the parameters
@@ -50,6 +51,12 @@ def backward_through_weights(wrapper, model, runs, weights=None, reduce=None):
     cosine says whether a step is signal (near 1) or noise (near 0). It costs one more backward
     through the recomposition; the gradient is their sum, as from one run. `reduce` (torchrun:
     distributed.sum_over_ranks) sums each run's gradient over the processes before that.
+
+    `aside`: a run may call forward.backward_aside(term) for a term the cosine should not see
+    (policy_gradient_step's KL term, whose gradient both halves share and which made the cosine read
+    +0.57 on random rewards at kl 30): its backward (graph retained) goes into a W' gradient of its
+    own, carried to the parameters on its own and added to the gradient, but left out of the cosine. Every process must
+    pass the same `aside` (its gradients are summed over them whether a run set any aside or not).
     """
     t0 = time.perf_counter()
     weights = wrapper.weights() if weights is None else weights  # {name: W'} with a graph back to the parameters
@@ -60,22 +67,42 @@ def backward_through_weights(wrapper, model, runs, weights=None, reduce=None):
     def forward(ids, mask, **kwargs):
         return torch.func.functional_call(model, leaves, (ids, mask), kwargs)
 
-    results, grads, t_backward = [], [], 0.0
+    set_aside = {}  # {name: W'.grad} of the current run's terms kept out of the cosine
+
+    def backward_aside(term):
+        kept = {k: leaf.grad for k, leaf in leaves.items()}  # the run's other terms so far
+        for leaf in leaves.values():
+            leaf.grad = None
+        term.backward(retain_graph=True)  # the caller's own backward of the rest follows
+        for k, leaf in leaves.items():
+            if leaf.grad is not None:
+                set_aside[k] = leaf.grad if k not in set_aside else set_aside[k].add_(leaf.grad)
+            leaf.grad = kept[k]
+    forward.backward_aside = backward_aside
+
+    def to_params(w_grads, retain):  # {name: W'.grad} -> the parameters' gradients, through W' = f(p)
+        names = list(w_grads)  # a run of no rows adds nothing
+        g = torch.autograd.grad([weights[k] for k in names], params, [w_grads[k] for k in names],
+                                retain_graph=retain, allow_unused=True) if names else [None] * len(params)
+        return [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
+
+    results, grads, asides, t_backward = [], [], [], 0.0
     for i, run in enumerate(runs):
         t0 = time.perf_counter()
         results.append(run(forward))
         t_backward += time.perf_counter() - t0
         t0 = time.perf_counter()
-        names = [k for k in weights if leaves[k].grad is not None]  # a run of no rows adds nothing
-        g = torch.autograd.grad([weights[k] for k in names], params, [leaves[k].grad for k in names],
-                                retain_graph=i < len(runs) - 1, allow_unused=True) if names else [None] * len(params)
-        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(params, g)])
+        last = i == len(runs) - 1
+        grads.append(to_params({k: leaves[k].grad for k in weights if leaves[k].grad is not None}, not last or aside))
+        if aside:
+            asides.append(to_params(dict(set_aside), not last))
         if reduce is not None:  # every process calls it for every run, rows or none: it is a collective
-            reduce(grads[-1])
+            reduce(grads[-1] + (asides[-1] if aside else []))  # in place
         for leaf in leaves.values():
             leaf.grad = None
+        set_aside.clear()
         t_recomp += time.perf_counter() - t0
-    for p, *parts in zip(params, *grads):
+    for p, *parts in zip(params, *grads, *asides):
         p.grad = sum(parts) if p.grad is None else p.grad + sum(parts)
     return results, gradient_cosine(*grads[:2]) if len(grads) > 1 else None, t_backward, t_recomp
 
@@ -159,6 +186,9 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
     loss = -(1/B) sum_i A_i sum_t log pi(y_i,t)  +  lambda (1/B) sum_i sum_t KL_i,t, with A the
     advantages: the paper's eq. 1 for a batch of B answers, KL per whole answer (summed over its
     tokens) and averaged over the batch. The returned kl is per generated token, for the log.
+    grad_cos is of the policy-gradient term alone: the KL term pulls both halves towards the base
+    model alike, so it would read as agreement where the rewards are noise. Keeping it apart costs
+    a second backward through each micro-batch (the KL's, retain_graph) where lambda > 0.
 
     With lambda = 0 a rollout whose advantage is 0 adds nothing to the gradient, so it is left out
     of the forward and backward passes (`skip_zero`); under a group baseline every question whose K
@@ -199,7 +229,10 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
                 if kl:  # KL(pi_W' || pi_W) at each generated token, over the whole vocabulary
                     kl = kl[0].sum()
                     kl_sum, kl_count = kl_sum + kl.item(), kl_count + mask.sum().item()
-                    loss = loss + cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
+                    kl_loss = cfg.kl * kl / B  # eq. 1: KL of whole answers, averaged over the batch
+                    check_finite(loss + kl_loss)
+                    forward.backward_aside(kl_loss)  # its own backward, kept out of the cosine
+                    total_loss += kl_loss.item()
                 check_finite(loss)
                 loss.backward()
                 total_loss += loss.item()
@@ -207,7 +240,7 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
         return run
 
     results, cos, t_backward, t_recomp = backward_through_weights(wrapper, model, [part(r) for r in parts], weights,
-                                                                  reduce)
+                                                                  reduce, aside=cfg.kl > 0)
     sums = torch.tensor([sum(x) for x in zip(*results)], dtype=torch.float64, device="cpu")  # loss, kl_sum, kl_count
     loss, kl_sum, kl_count = (reduce([sums])[0] if reduce else sums).tolist()
     return dict(loss=loss, kl=kl_sum / max(kl_count, 1), grad_cos=cos, backward_s=t_backward, recompose_s=t_recomp)

@@ -386,7 +386,8 @@ def main(argv=None):
                     help="reward of a wrong answer the task can parse (one ARC option); -1 (default) is the "
                          "paper's +1/-1, between -1 and 0 a graded reward that pays for answering (not official)")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                    help="subtract the mean reward of the batch, or of each question's samples (not official)")
+                    help="subtract from each reward the mean of its half of the batch (each half its own, so the "
+                         "halves' gradients stay independent), or of its question's samples (not official)")
     ap.add_argument("--samples", type=int, default=None,
                     help="rollouts per question, with --baseline a per-question baseline (not official)")
     ap.add_argument("--temperature", type=float, default=None, help="0: greedy rollouts (official)")
