@@ -172,6 +172,9 @@ def load_experts(model, model_dir, paths, **svf_kwargs):
         if meta.get("format") != svf.EXPERT_FORMAT:
             raise svf.ExpertMismatch(f"{path}: format {meta.get('format')!r}, expected {svf.EXPERT_FORMAT!r} "
                                      f"(is it an SVF expert file?)")
+        svf.expert_metadata(path, meta)  # its targets are one of svf.TARGETS
+        # its vectors (a few KB), refused if not finite float32 before the wrapper's SVD is made
+        safetensors_io.load(path, dtype=torch.float32, finite=True)
         targets[path] = meta["targets"]
     if len(set(targets.values())) > 1:
         raise svf.ExpertMismatch(f"experts to mix or switch between must adapt the same matrices, found targets "
@@ -210,6 +213,7 @@ def mix_from_file(wrapper, path):
     info = wrapper.load_expert(path).info
     if info.get("kind") != "fewshot-mix":
         raise ValueError(f"{path} is a single expert, not a few-shot mix written by cem.py")
+    check_mix_info(path, info, len(wrapper.names))
     experts = []
     for c in info["experts"]:
         found = c["path"] if os.path.exists(c["path"]) else os.path.join(os.path.dirname(path),
@@ -220,7 +224,33 @@ def mix_from_file(wrapper, path):
         if expert_digest(e) != c["digest"]:
             raise ValueError(f"{found} changed since cem.py mixed it into {path}; run cem.py again")
         experts.append(e)
-    return wrapper.mix(experts, info["alpha"]), info
+    z = wrapper.mix(experts, info["alpha"])
+    for name, v in z.items():  # finite alpha can still overflow (1e38 each), or be 0 for a matrix: no W'
+        if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise ValueError(f"{path}: its alpha {str(info['alpha'])[:200]} mixes scales for {name!r} that are not "
+                             f"all finite and > 0 (found {v.min().item():.4g} to {v.max().item():.4g}); "
+                             f"run cem.py again")
+    return z, info
+
+
+def check_mix_info(path, info, n_matrices):
+    """Refuses (ValueError naming the file) a mix whose info is not what save_mix writes: components
+    {path, digest} and alpha, K finite numbers or K lists of n_matrices. The info is JSON, and Python's
+    json reads NaN and Infinity, which would make every scale, W' and logit NaN."""
+    experts, alpha = info.get("experts"), info.get("alpha")
+    if not isinstance(experts, list) or not experts or not all(isinstance(c, dict) and isinstance(c.get("path"), str)
+                                                               and isinstance(c.get("digest"), str) for c in experts):
+        raise ValueError(f"{path}: its info's experts are {str(experts)[:200]}; expected a list of "
+                         f"{{'path': ..., 'digest': ...}}, as cem.py writes")
+    K = len(experts)
+    finite_row = lambda row: isinstance(row, list) and all(  # noqa: E731
+        type(a) in (int, float) and math.isfinite(a) for a in row)
+    per_expert = finite_row(alpha) and len(alpha) == K
+    per_matrix = (isinstance(alpha, list) and len(alpha) == K
+                  and all(finite_row(row) and len(row) == n_matrices for row in alpha))
+    if not (per_expert or per_matrix):
+        raise ValueError(f"{path}: its alpha is {str(alpha)[:200]}; expected {K} finite numbers (one per "
+                         f"component) or {K} lists of {n_matrices}, as cem.py writes")
 
 
 # ----------------------------------------------------------------------------- the few-shot search
@@ -309,6 +339,9 @@ def search(cfg, model, tok, model_dir, task, expert_paths, out, log=say, run_dir
             if {k: v for k, v in state["config"].items() if k != "generations"} != same or state["experts"] != digests:
                 raise SystemExit(f"--resume: {run_dir} holds a search with other settings or experts "
                                  f"({state['config']}); only --generations may change")
+            if state["mean"].shape != (K * n,):
+                raise run_state.StateFileError(f"{state_path}: its mean has shape {tuple(state['mean'].shape)}; "
+                                               f"this search has {K * n} coefficients")
             log(f"resuming the search in {run_dir} after generation {state['generation']}")
         elif os.path.exists(state_path):
             raise SystemExit(f"{state_path} exists: pass --resume to continue that search, or choose another --run-dir")

@@ -30,6 +30,7 @@ Choices, each a flag of reinforce.py:
 import json
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -145,7 +146,7 @@ class LoRA(nn.Module):
         svf.ExpertMismatch naming what differs otherwise (safetensors_io.SafetensorsError for a file
         that is malformed or holds no float32 factors), before anything is copied. Returns an
         svf.Expert whose p holds the factors."""
-        tensors, meta = safetensors_io.load(path, dtype=torch.float32)
+        tensors, meta = safetensors_io.load(path, dtype=torch.float32, finite=True)
         info = lora_metadata(path, meta)
         differs = []
         if not same_checkpoint(meta["checkpoint"], self.identity):
@@ -157,8 +158,22 @@ class LoRA(nn.Module):
             raise svf.ExpertMismatch(f"{path} does not fit this LoRA wrapper: " + "; ".join(differs)
                                      + ". (lora.load_adapter_for builds the wrapper the file asks for.)")
         self._check_names(tensors, f"LoRA file {path}")
+        self._check_range(tensors, path)
         device = self.A[0].device
         return svf.Expert({k: t.to(device, copy=True) for k, t in tensors.items()}, info, path)
+
+    def _check_range(self, factors, path):
+        """Finite factors can still make W' = W + (alpha / r) B A overflow the weights' dtype (inf, then
+        NaN logits). |(B A)_ij| <= r max|B| max|A| bounds every entry, so a file within the bound is safe;
+        one beyond it is refused, naming the factors."""
+        for name, W in self.base.items():
+            key_A, key_B = factor_keys(name)
+            A, B = factors[key_A].abs().max().item(), factors[key_B].abs().max().item()
+            bound = self.rank * abs(self.scaling) * B * A + W.abs().max().item()
+            if not bound < torch.finfo(W.dtype).max:
+                raise svf.ExpertMismatch(f"{path}: tensors {key_A!r} and {key_B!r} hold entries so large that "
+                                         f"W + (alpha / r) B A may overflow {W.dtype} (bound {bound:.3g}); "
+                                         f"expected factors whose update stays finite")
 
     def _check_names(self, tensors, what):
         expected = {}
@@ -179,8 +194,11 @@ def lora_metadata(path, meta):
         raise svf.ExpertMismatch(f"{path} is an SVF expert file, not a LoRA file; load it with "
                                  f"lora.load_adapter_for, which reads either kind")
     info = svf.expert_metadata(path, meta, LORA_FORMAT, keys=("checkpoint", "targets", "rank", "alpha", "info"))
-    if not meta["rank"].isdigit() or int(meta["rank"]) < 1:
-        raise svf.ExpertMismatch(f"{path}: rank {meta['rank']!r}; expected a positive integer")
+    # ASCII digits only: str.isdigit() also accepts "¹" (which int() refuses) and "١٦" (which int() reads
+    # as 16); at most 12 of them, as int() refuses strings of thousands of digits.
+    if not re.fullmatch(r"[0-9]{1,12}", meta["rank"]) or int(meta["rank"]) < 1:
+        raise svf.ExpertMismatch(f"{path}: rank {meta['rank'][:40]!r}; expected a positive integer written in "
+                                 f"ASCII digits 0-9")
     try:
         alpha = float(meta["alpha"])
     except ValueError:

@@ -323,15 +323,20 @@ class SVF(nn.Module):
 
     def load_expert(self, path):
         """Reads an expert file made for this checkpoint and targets; raises ExpertMismatch otherwise
-        (and safetensors_io.SafetensorsError for a file that is malformed or holds no float32 vectors),
-        before anything is copied."""
-        tensors, meta = safetensors_io.load(path, dtype=torch.float32)
+        (and safetensors_io.SafetensorsError for a file that is not a regular file, is malformed, or
+        holds other than finite float32 vectors), before anything is copied."""
+        tensors, meta = safetensors_io.load(path, dtype=torch.float32, finite=True)
         info = expert_metadata(path, meta)
         if not same_checkpoint(meta["checkpoint"], self.identity) or meta["targets"] != self.targets:
             raise ExpertMismatch(f"{path}: expert was trained for checkpoint {meta['checkpoint']} (targets "
                                  f"{meta['targets']}), this model is {self.identity} (targets {self.targets})")
         # No check of max_mult: it multiplies every entry of z alike, and the rescaling cancels that.
         self._check_names(tensors, f"expert {path}")
+        for name, f in zip(self.names, self.factors):  # finite p whose every scale underflows to 0 (p < -104)
+            if not bool((f.sigma * torch.sigmoid(tensors[name].to(f.sigma.device))).sum() > 0):  # leaves 0 / 0 in W'
+                raise ExpertMismatch(f"{path}: tensor {name!r} scales every singular value by 0 (its largest p, "
+                                     f"{tensors[name].max().item():.4g}, underflows sigmoid), which leaves W' 0 / 0; "
+                                     f"expected some p above about -100")
         device = self.p[0].device
         return Expert({name: tensors[name].to(device, copy=True) for name in self.names}, info, path)
 
@@ -377,6 +382,7 @@ def load_expert_for(model, model_dir, path, **svf_kwargs):
     belongs to another checkpoint."""
     _, meta, _ = safetensors_io.read_header(path)
     expert_metadata(path, meta)
+    safetensors_io.load(path, dtype=torch.float32, finite=True)  # a few vectors: refused, if need be, before the SVD
     wrapper = SVF(model, checkpoint_identity(model_dir), meta["targets"], **svf_kwargs)
     return wrapper, wrapper.load_expert(path)
 
