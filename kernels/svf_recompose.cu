@@ -22,7 +22,19 @@
 // BFloat16, so that nvcc compiles it in seconds; svf_recompose.cpp checks the tensors, picks the
 // dtype and binds the two functions for Python.
 
+// The same file also compiles with g++ and ROCm's HIP-CPU runtime, which runs each GPU thread as a
+// fiber on the CPU (tests/test_kernel_hipcpu.py defines SVF_HIP_CPU and checks the kernels against
+// float64 without a GPU). The only differences are here: the runtime header, the stream type, and
+// the launch, whose <<<grid, block, shared bytes, stream>>> syntax is nvcc's alone.
+#if defined(SVF_HIP_CPU)
+#include <hip/hip_runtime.h>
+using cudaStream_t = hipStream_t;
+#define LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  hipLaunchKernelGGL(kernel, grid, block, shmem, stream, __VA_ARGS__)
+#else
 #include <cuda_runtime.h>
+#define LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<grid, block, shmem, stream>>>(__VA_ARGS__)
+#endif
 #include <c10/util/BFloat16.h>
 
 namespace {
@@ -151,7 +163,7 @@ void launch_recompose(const scalar_t* U, const scalar_t* s, const scalar_t* Vh, 
                       int m, int n, int r, cudaStream_t stream) {
   if (m == 0 || n == 0) return;  // a grid may not have a zero dimension
   const dim3 grid((n + BN - 1) / BN, (m + BM - 1) / BM);
-  recompose_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(U, s, Vh, W, m, n, r);
+  LAUNCH(recompose_kernel<scalar_t>, grid, THREADS, 0, stream, U, s, Vh, W, m, n, r);
 }
 
 // partial (grad_s_partial_rows(m), r) float32: one row of partial sums of grad_s per block row.
@@ -162,7 +174,7 @@ void launch_grad_s(const scalar_t* G, const scalar_t* U, const scalar_t* Vh, flo
                    int m, int n, int r, cudaStream_t stream) {
   if (m == 0 || r == 0) return;
   const dim3 grid((r + BN - 1) / BN, (m + BM - 1) / BM);
-  grad_s_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(G, U, Vh, partial, m, n, r);
+  LAUNCH(grad_s_kernel<scalar_t>, grid, THREADS, 0, stream, G, U, Vh, partial, m, n, r);
 }
 
 template void launch_recompose<float>(const float*, const float*, const float*, float*, int, int, int, cudaStream_t);
