@@ -8,12 +8,17 @@ The data flows checkpoint -> model.py (+ tokenizer.py) -> chat.py -> data/ (task
 
 `Completer` renders chat messages with the checkpoint's template and generates with generate.generate;
 it is the `complete_fn` of data.evaluate. evaluate_model.py, reinforce.py, cem.py and adapt.py use it.
+
+    python chat.py --prompt "What is the capital of France?"   # talk to a checkpoint (--model DIR)
+
+`python model.py --prompt ...` and `python generate.py --prompt ...` run this command line too.
 """
 
 import argparse
 import ctypes
 import os
 import resource
+import time
 import warnings
 
 import torch
@@ -196,3 +201,33 @@ def choose_prompt(task_name, prompt=None, info=None):
         return prompt
     trained = (info or {}).get("prompt")
     return trained if trained in get_task(task_name).prompts else None
+
+
+def main():
+    """Talk to a checkpoint: `python chat.py --prompt ...`, also typed as `python model.py` or
+    `python generate.py`, which run this (runpy) without importing it."""
+    ap = argparse.ArgumentParser(description="Chat with a Llama-family checkpoint.")
+    ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="auto: bfloat16 where the device runs it natively, else float32 (auto_dtype)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    args = ap.parse_args()
+
+    model, tok, _ = load(args)  # as every script loads (--dtype auto resolved, a warning where bfloat16 would be slow)
+    device = model.lm_head.weight.device
+    prompt = tok.chat([{"role": "user", "content": args.prompt}])
+    t0 = time.perf_counter()
+    new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
+                   tok.pad_id, torch.Generator(device=device).manual_seed(args.seed))[0]
+    dt = time.perf_counter() - t0
+    print(tok.decode(new))
+    print(f"[{len(prompt)} prompt tokens, {len(new)} new tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()

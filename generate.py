@@ -7,11 +7,8 @@
 Rows that reach a stop token leave the batch (KVCache.keep), so long answers decode alone.
 `fast=False` decodes with Transformer.forward instead, the plain reference the tests compare with.
 
-    python generate.py --prompt "What is the capital of France?"    # also: python model.py ...
+    python generate.py --prompt "What is the capital of France?"    # also: python model.py or chat.py ...
 """
-
-import argparse
-import time
 
 import torch
 
@@ -151,30 +148,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_to
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Chat with a Llama-family checkpoint.")
-    ap.add_argument("--model", default=None, help="Hugging Face checkpoint dir (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--prompt", default="What is the capital of France?")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bfloat16 where the device runs it natively, else float32 (chat.auto_dtype)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    args = ap.parse_args()
-
-    from chat import load  # chat imports this module: imported here, where it is needed
-    model, tok, _ = load(args)  # as every script loads (--dtype auto resolved, a warning where bfloat16 would be slow)
-    device = model.lm_head.weight.device
-    prompt = tok.chat([{"role": "user", "content": args.prompt}])
-    t0 = time.perf_counter()
-    new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tok.stop_tokens,
-                   tok.pad_id, torch.Generator(device=device).manual_seed(args.seed))[0]
-    dt = time.perf_counter() - t0
-    print(tok.decode(new))
-    print(f"[{len(prompt)} prompt tokens, {len(new)} new tokens in {dt:.2f}s, {len(new) / dt:.1f} tokens/s]")
-
 
 if __name__ == "__main__":
-    main()
+    # `python generate.py --prompt ...`: chat.py's command line, run as a script (runpy), not
+    # imported, so that this file depends on nothing above it (chat.py imports generate.py)
+    import runpy
+    runpy.run_module("chat", run_name="__main__")

@@ -111,6 +111,16 @@ def sliding_window_of(cfg):
     return window, None
 
 
+# Sets of a decoder layer's matrices, by their Hugging Face keys (the module names below), that an
+# expert adapts (svf.py, lora.py) and params.py counts. The official code targets the MLP only; the
+# paper's ablation (Table 4) finds MLP + attention best. "qv" is where the paper's LoRA baseline goes
+# (lora.py), and where SVF's 0.16M "attention" parameters of Table 4 fit (params.py).
+TARGETS = {"mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+           "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+           "qv": ("self_attn.q_proj", "self_attn.v_proj")}
+TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nn.Module):
@@ -460,5 +470,7 @@ def left_pad(sequences, pad_id, device):
 
 
 if __name__ == "__main__":
-    from generate import main  # the chat command line lives with generation
-    main()
+    # `python model.py --prompt ...`: chat.py's command line, run as a script (runpy), not imported,
+    # so that this file depends on nothing above it (chat.py -> generate.py -> model.py)
+    import runpy
+    runpy.run_module("chat", run_name="__main__")

@@ -25,15 +25,9 @@ import torch.nn as nn
 
 import products
 import safetensors_io
+from model import TARGETS  # the sets of a layer's matrices an expert adapts: "mlp", "attn", "qv", "all"
 from svd_cache import checkpoint_identity, load_or_decompose, same_checkpoint  # W = U diag(sigma) Vh, cached
 
-# Matrices of one decoder layer, named by their Hugging Face keys. The official code targets the MLP
-# only; the paper's ablation (Table 4) finds MLP + attention best. "qv" is where the paper's LoRA
-# baseline goes (lora.py), and where SVF's 0.16M "attention" parameters of Table 4 fit (params.py).
-TARGETS = {"mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-           "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-           "qv": ("self_attn.q_proj", "self_attn.v_proj")}
-TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
 EXPERT_FORMAT = "transformer2-svf-expert/1"
 KERNEL_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", f"svf_recompose.{ext}")
                   for ext in ("cpp", "cu")]
@@ -395,7 +389,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.count:
         ap.error("nothing to do: give --count")
-    import params  # imported here: params imports svf
+    import params  # only this command needs the table
     params.main(["--model", args.model] if args.model else [])
 
 

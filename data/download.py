@@ -4,7 +4,7 @@
     python -m data.download gsm8k mbpp --data-dir /somewhere
 
 You rarely need to run it: a task whose file is missing fetches its own dataset, and only that one,
-the first time it is read (data/paths.py), as checkpoints.py fetches the default model. Every
+the first time it is read (data/task.py's data_file), as checkpoints.py fetches the default model. Every
 script's `--offline` flag, or T2_OFFLINE=1, turns that off: a missing file then raises
 DataNotFoundError, naming the file and this command.
 

@@ -12,17 +12,18 @@ The directory holds one folder per dataset, as the public releases ship them:
     arc_challenge/ARC-Challenge-{...}.jsonl             mbpp/mbpp.jsonl
     humaneval/HumanEval.jsonl.gz                        math/test.jsonl   math500/test.jsonl
 
-A file that is missing is fetched on first use: its dataset, and only that one, is downloaded from
-its public release into the data directory by data/download.py (one progress line; written
-atomically, so a failed download leaves no partial file), as checkpoints.py fetches the default
-model. `--offline` (added with --data-dir by add_data_dir_argument) or `T2_OFFLINE=1` turns this off:
-a missing file then raises DataNotFoundError, naming the file and how to get it.
-`python -m data.download --data-dir DIR` fetches every dataset ahead of time.
+A file that is missing is fetched on first use (data/task.py's data_file): its dataset, and only
+that one, is downloaded from its public release into the data directory by data/download.py (one
+progress line; written atomically, so a failed download leaves no partial file), as checkpoints.py
+fetches the default model. `--offline` (added with --data-dir by add_data_dir_argument) or
+`T2_OFFLINE=1` turns this off: a missing file then raises DataNotFoundError, naming the file and how
+to get it. `python -m data.download --data-dir DIR` fetches every dataset ahead of time.
+
+This module only says where: data/download.py (its command line takes --data-dir from here) and
+data/task.py (which reads the files, fetching a missing one) both build on it.
 """
 
 import argparse
-import gzip
-import json
 import os
 
 ENV_VAR = "T2_DATA_DIR"
@@ -44,46 +45,9 @@ def offline():
     return os.environ.get(OFFLINE_VAR, "") not in ("", "0")
 
 
-def data_file(relpath, override=None):
-    """Absolute path of `relpath` (e.g. "gsm8k/train.jsonl") inside the data directory. A missing
-    file's dataset is fetched first (data/download.py), unless offline(); a file that is still
-    missing raises DataNotFoundError naming the expected path and how to obtain it."""
-    root = data_dir(override)
-    path = os.path.join(root, relpath)
-    if os.path.isfile(path):
-        return path
-    source = ("the --data-dir flag" if override else f"${ENV_VAR}" if os.environ.get(ENV_VAR)
-              else f"the default (set ${ENV_VAR} or pass --data-dir to change it)")
-    dataset = relpath.split("/")[0]
-    message = (f"expected the data file {path} but it does not exist.\n"
-               f"  The data directory {root} comes from {source}.\n"
-               f"  To obtain the file: python -m data.download {dataset} --data-dir {root}  (needs internet),\n"
-               f"  or point ${ENV_VAR} at a directory that holds {relpath}.")
-    if offline():
-        raise DataNotFoundError(message + f"\n  (Not fetched on first use: ${OFFLINE_VAR} is set or --offline was given.)")
-    from . import download  # the only module that touches the network
-    if dataset not in download.DATASETS:
-        raise DataNotFoundError(message)
-    try:
-        download.fetch(dataset, root)
-    except Exception as e:  # any failure of the download or of reading the release: say so, and how to retry
-        raise DataNotFoundError(f"{message}\n  Fetching {dataset} on first use failed: {e}") from e
-    if not os.path.isfile(path):
-        raise DataNotFoundError(f"{message}\n  The release of {dataset} was fetched but has no {relpath}.")
-    return path
-
-
-def read_jsonl(relpath, override=None):
-    """The records of a JSON-lines file (optionally gzip-compressed) in the data directory."""
-    path = data_file(relpath, override)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 class OfflineAction(argparse.Action):
     """--offline: sets T2_OFFLINE=1 in this process (and the processes it starts). It is read where a
-    file is looked up (data_file), so the flag need not be passed through every task and call."""
+    file is looked up (data.task.data_file), so the flag need not be passed through every task and call."""
 
     def __init__(self, option_strings, dest, **kwargs):
         super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)

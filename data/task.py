@@ -17,10 +17,13 @@ continues (the official code prompts do this for ARC and the code tasks). The co
 function then returns only the continuation; the scorers know the prefill.
 """
 
+import gzip
+import json
+import os
 import random
 from dataclasses import dataclass, field
 
-from .paths import read_jsonl
+from .paths import ENV_VAR, OFFLINE_VAR, DataNotFoundError, data_dir, offline
 
 SPLITS = ("train", "validation", "test")
 
@@ -32,6 +35,43 @@ class Example:
     messages: list         # the chat prompt: [{"role": ..., "content": ...}, ...]
     answer: object         # the gold answer: a letter, a number, a LaTeX string, a label, or code
     meta: dict = field(default_factory=dict)   # task-specific details (options, tests, ...)
+
+
+def data_file(relpath, override=None):
+    """Absolute path of `relpath` (e.g. "gsm8k/train.jsonl") inside the data directory. A missing
+    file's dataset is fetched first (data/download.py), unless offline(); a file that is still
+    missing raises DataNotFoundError naming the expected path and how to obtain it."""
+    root = data_dir(override)
+    path = os.path.join(root, relpath)
+    if os.path.isfile(path):
+        return path
+    source = ("the --data-dir flag" if override else f"${ENV_VAR}" if os.environ.get(ENV_VAR)
+              else f"the default (set ${ENV_VAR} or pass --data-dir to change it)")
+    dataset = relpath.split("/")[0]
+    message = (f"expected the data file {path} but it does not exist.\n"
+               f"  The data directory {root} comes from {source}.\n"
+               f"  To obtain the file: python -m data.download {dataset} --data-dir {root}  (needs internet),\n"
+               f"  or point ${ENV_VAR} at a directory that holds {relpath}.")
+    if offline():
+        raise DataNotFoundError(message + f"\n  (Not fetched on first use: ${OFFLINE_VAR} is set or --offline was given.)")
+    from . import download  # the only module that touches the network, imported when a file is missing
+    if dataset not in download.DATASETS:
+        raise DataNotFoundError(message)
+    try:
+        download.fetch(dataset, root)
+    except Exception as e:  # any failure of the download or of reading the release: say so, and how to retry
+        raise DataNotFoundError(f"{message}\n  Fetching {dataset} on first use failed: {e}") from e
+    if not os.path.isfile(path):
+        raise DataNotFoundError(f"{message}\n  The release of {dataset} was fetched but has no {relpath}.")
+    return path
+
+
+def read_jsonl(relpath, override=None):
+    """The records of a JSON-lines file (optionally gzip-compressed) in the data directory."""
+    path = data_file(relpath, override)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def system(text):
