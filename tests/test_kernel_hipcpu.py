@@ -136,7 +136,7 @@ def launch(exe, op, dtype, m, n, r, inputs):
     body = p.stdout[16:]
     before, out, after = body[:guard], body[guard:len(body) - guard], body[len(body) - guard:]
     for name, g in (("before", before), ("after", after)):
-        changed = sum(b != fill for b in g)
+        changed = int(np.count_nonzero(np.frombuffer(g, np.uint8) != fill))
         assert changed == 0, f"out-of-bounds write at {m}x{n}x{r} {dtype}: {changed} guard bytes {name} the output changed"
     if op == 0 and dtype == "bfloat16":
         values = torch.from_numpy(np.frombuffer(out, np.int16).copy()).view(torch.bfloat16).double().numpy()
@@ -151,7 +151,8 @@ def launch(exe, op, dtype, m, n, r, inputs):
 U32 = 2.0 ** -24  # unit roundoff of float32, the kernel's accumulator
 UBF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits)
 with open(KERNEL) as _f:
-    BM = int(re.search(r"constexpr int BM = (\d+);", _f.read()).group(1))  # rows of a block's tile
+    _bm = re.search(r"constexpr int BM = (\d+);", _f.read())
+BM = int(_bm.group(1)) if _bm else None  # rows of a block's tile: one row of partial sums per BM rows
 
 
 def assert_within(found, ref, tol, what):
@@ -187,6 +188,7 @@ def check_grad_s(exe, dtype, m, n, r, rng):
     (bG, G), (bU, U), (bVh, Vh) = (to_dtype(x, dtype) for x in
                                    (rng.standard_normal((m, n)), rng.standard_normal((m, r)), rng.standard_normal((r, n))))
     partial = launch(exe, 1, dtype, m, n, r, [bG, bU, bVh])
+    assert BM, f"no 'constexpr int BM = <rows>;' in {KERNEL}: the partial sums' block rows are unknown"
     rows = math.ceil(m / BM)
     assert partial.shape == (rows, r), f"partial sums of shape {partial.shape}, expected {(rows, r)}"
     terms, mags = U * (G @ Vh.T), np.abs(U) * (np.abs(G) @ np.abs(Vh).T)  # (m, r)
