@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cem
+import run_state
 import svf
 from data import get_task, split_shots
 from data.task import Example, Task
@@ -234,6 +235,22 @@ def test_the_search_keeps_every_members_outputs_and_resumes(setup, tmp_path):
         run(b, str(tmp_path / "part"), resume=True, population=5)
     with pytest.raises(SystemExit, match="pass --resume"):
         run(b, str(tmp_path / "part"))
+
+
+def test_a_resumed_search_refuses_a_state_whose_distribution_has_another_length(setup, tmp_path):
+    """Issue 39: a state.pt whose mean, std and best are not one per coefficient is refused naming the
+    file (its settings and experts' digests alone match), not left to fail inside the search."""
+    model, tok, path, wrapper, paths = setup
+    cfg = cem.FewShotConfig(task="lowbyte", shots=2, population=2, generations=1, max_new_tokens=1)
+    run = lambda **kw: cem.search(cfg, model, tok, path, LowByteTask(), paths, str(tmp_path / "mix.safetensors"),  # noqa: E731
+                                  log=quiet, run_dir=str(tmp_path / "run"), use_cache=False, **kw)
+    run()
+    state_path = tmp_path / "run" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    torch.save(dict(state, **{k: torch.cat([state[k], state[k][:1]]) for k in ("mean", "std", "best")}), state_path)
+    with pytest.raises(run_state.StateFileError, match="its mean has shape \\(4,\\); this search has 3") as refused:
+        run(resume=True)
+    assert str(state_path) in str(refused.value)
 
 
 def test_a_mix_refuses_changed_components_and_negative_scales(setup, tmp_path):
