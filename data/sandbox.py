@@ -66,6 +66,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from ._seccomp import filter_program
+
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 MODES = ("bwrap", "namespaces", "guard")
 SANDBOX_UID = 65534             # "nobody": whom a root harness runs programs as, in the namespace modes
@@ -105,11 +107,11 @@ def scrubbed_env(work_dir):
 
 # bwrap, as the unprivileged user: every namespace, the host's root read-only, an empty /proc, a
 # minimal /dev and an empty /tmp (all read-only), no user namespaces inside, killed with its parent.
-# The working directory's tmpfs and the command follow (command()).
+# The working directory, the seccomp filter (_seccomp.py) and the command follow (command()).
 BWRAP = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
          "--ro-bind", "/", "/", "--tmpfs", "/proc", "--remount-ro", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
          "--tmpfs", "/tmp", "--dir", "/tmp/work", "--remount-ro", "/tmp"]
-BWRAP_WORK = "/tmp/work"        # the working directory's mount point in bwrap's empty /tmp, whatever the job's path
+WORK = "/tmp/work"              # the working directory, in the job's own empty /tmp (both namespace modes)
 # unshare, as the unprivileged user, who is root in the new namespaces until the child's confine().
 # The namespace's first process (PID 1) is a shell that runs the child as its own child and waits:
 # the kernel spares an init the signals it has no handler for, and the program must not be spared.
@@ -121,20 +123,38 @@ SETPRIV = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--cle
            "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def command(mode, limits, work_dir, signal_fd, guard=True):
-    """The command line that runs the child in `mode`, with the working directory as cwd."""
+def work_mount(limits, owner=""):
+    """bwrap mode's first stage: the shell line that mounts the working directory's tmpfs on /tmp (bwrap
+    covers /tmp, and binds this one on WORK): at most disk_mb MB and `files` files and directories (the
+    kernel counts inodes, however they are made: sqlite3, native code), noexec."""
+    options = f"size={limits.disk_mb}m,nr_inodes={limits.files + 1},mode=700,nosuid,nodev,noexec{owner}"
+    return f"mount -t tmpfs -o {options} t2-sandbox /tmp"
+
+
+def command(mode, limits, work_dir, signal_fd, guard=True, seccomp_fd=None):
+    """The command line that runs the child in `mode`. bwrap has no option for a tmpfs's number of
+    files, so in bwrap mode a first stage, in a mount namespace of its own (as root, or in a user
+    namespace for any other harness), mounts the working directory's tmpfs (work_mount()), which bwrap
+    binds on WORK; neither the host nor another job ever sees that mount."""
     child = [sys.executable, "-I", "-B", CHILD, mode, "guard" if guard else "unguarded", str(signal_fd),
              *(f"{key}={value}" for key, value in asdict(limits).items() if key != "timeout_s")]
     if mode == "guard":
         return child
-    if mode == "bwrap":
-        inner = [*BWRAP, "--size", str(limits.disk_mb * 2**20), "--tmpfs", BWRAP_WORK, "--chdir", BWRAP_WORK, "--",
-                 *child]
-    else:
+    root = os.geteuid() == 0
+    script = view(os.path.dirname(work_dir)) if root else []
+    if mode == "namespaces":
         inner = [*UNSHARE, *child]
-    if os.geteuid() != 0:
-        return _located(inner)
-    return _located([*view(mode, os.path.dirname(work_dir)), *SETPRIV, *inner])
+    else:
+        seccomp = ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
+        owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if root else ""
+        script.append(work_mount(limits, owner))
+        # (not root: the first stage maps the harness's user to root; bwrap maps it back, with no capability)
+        inner = [*BWRAP, *([] if root else ["--uid", str(os.getuid()), "--gid", str(os.getgid()), "--cap-drop", "ALL"]),
+                 "--bind", "/tmp", WORK, "--chdir", WORK, *seccomp, "--", *child]
+    first = [] if not script else ["unshare", *([] if root else ["--user", "--map-root-user"]), "--mount",
+                                   "--propagation", "private", "--", "/bin/sh", "-c",
+                                   "; ".join(["set -e", *script]) + '; exec "$@"', "sh"]
+    return _located([*first, *(SETPRIV if root else []), *inner])
 
 
 def _located(args):
@@ -164,25 +184,12 @@ def hidden_paths():
     return {d: [p for p in ps if not any(p.startswith(q + "/") for q in ps)] for d, ps in hidden.items()}
 
 
-def view(mode, job_dir):
-    """The root-owned first stage that makes hidden_paths() visible to SANDBOX_UID: each hidden
-    directory covered with a tmpfs that holds only the interpreter's directories, bound read-only."""
-    hidden = hidden_paths()
-    if not hidden:
-        return []
-    if mode == "bwrap":
-        args = ["bwrap", "--dev-bind", "/", "/", "--die-with-parent",
-                "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]      # for setpriv, which drops them
-        for covered, paths in hidden.items():
-            args += ["--tmpfs", covered]
-            for path in paths:
-                between = path[len(covered):].split("/")[1:-1]       # the directories bwrap must create
-                for i in range(len(between)):
-                    args += ["--perms", "0755", "--dir", covered + "/" + "/".join(between[:i + 1])]
-                args += ["--ro-bind", path, path]
-        return [*args, "--"]
-    script, staged = ["set -e"], 0
-    for covered, paths in hidden.items():            # bind aside, cover, make the way, move back
+def view(job_dir):
+    """The root-owned first stage's shell lines that make hidden_paths() visible to SANDBOX_UID: each
+    hidden directory covered with a tmpfs that holds only the interpreter's directories, bound
+    read-only (each bound aside into job_dir first, then moved back)."""
+    script, staged = [], 0
+    for covered, paths in hidden_paths().items():   # bind aside, cover, make the way, move back
         for i, path in enumerate(paths):
             script += [f"mkdir {shlex.quote(f'{job_dir}/view{staged + i}')}",
                        f"mount --bind {shlex.quote(path)} {shlex.quote(f'{job_dir}/view{staged + i}')}"]
@@ -191,8 +198,7 @@ def view(mode, job_dir):
             script += [f"mkdir -p {shlex.quote(path)}",
                        f"mount --move {shlex.quote(f'{job_dir}/view{staged + i}')} {shlex.quote(path)}"]
         staged += len(paths)
-    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", "; ".join(script) + '; exec "$@"',
-            "sh"]
+    return script
 
 
 # ----------------------------------------------------------------------------- running
@@ -212,6 +218,22 @@ def _read(path):
     # at most limits.output_kb: a larger write was refused by RLIMIT_FSIZE
     with open(path, "rb") as f:
         return f.read().decode("utf-8", errors="replace")
+
+
+def _private(path, flags):
+    return os.open(path, flags, 0o600)           # the job's files: the harness's user's alone
+
+
+def _seccomp_pipe():
+    """A pipe holding the seccomp filter, whose reading end bwrap gets (--seccomp); None where the
+    filter is unknown (_seccomp.py)."""
+    program = filter_program()
+    if program is None:
+        return None
+    read_end, write_end = os.pipe()
+    os.write(write_end, program)                 # a few hundred bytes: within the pipe's buffer
+    os.close(write_end)
+    return read_end
 
 
 def _completed(fd):
@@ -236,25 +258,26 @@ def run_program(source, limits=Limits(), keep=4000, mode=None, guard=True):
     mode = mode or default_mode()
     if mode not in MODES:
         raise ValueError(f"sandbox mode must be one of {MODES}, found {mode!r}")
-    job_dir = tempfile.mkdtemp(prefix="t2-sandbox-")
-    read_end = None
+    job_dir = tempfile.mkdtemp(prefix="t2-sandbox-")        # 0700: no other job's user may read it
+    read_end = seccomp_fd = None
     try:
         work_dir = os.path.join(job_dir, "work")
         os.mkdir(work_dir)
-        if mode == "namespaces" and os.geteuid() == 0:
-            os.chmod(job_dir, 0o711)             # SANDBOX_UID mounts on work/ and steps into it (confine())
-            os.chmod(work_dir, 0o755)
         program, out_path, err_path = (os.path.join(job_dir, name) for name in ("program.py", "stdout", "stderr"))
-        with open(program, "w", encoding="utf-8") as f:
+        with open(program, "w", encoding="utf-8", opener=_private) as f:
             f.write(source)
         read_end, write_end = os.pipe()
-        env = scrubbed_env(BWRAP_WORK if mode == "bwrap" else work_dir)
+        if mode == "bwrap":
+            seccomp_fd = _seccomp_pipe()
         start = time.perf_counter()
-        with open(program, "rb") as stdin, open(out_path, "wb") as out, open(err_path, "wb") as err:
+        with open(program, "rb") as stdin, open(out_path, "wb", opener=_private) as out, \
+                open(err_path, "wb", opener=_private) as err:
             try:
-                proc = subprocess.Popen(command(mode, limits, work_dir, write_end, guard), cwd=work_dir, stdin=stdin,
-                                        stdout=out, stderr=err, env=env, start_new_session=True, close_fds=True,
-                                        pass_fds=(write_end,))
+                proc = subprocess.Popen(command(mode, limits, work_dir, write_end, guard, seccomp_fd),
+                                        cwd=work_dir if mode == "guard" else "/", stdin=stdin, stdout=out, stderr=err,
+                                        env=scrubbed_env(work_dir if mode == "guard" else WORK),
+                                        start_new_session=True, close_fds=True,
+                                        pass_fds=(write_end,) if seccomp_fd is None else (write_end, seccomp_fd))
             finally:
                 os.close(write_end)              # the child's copy is the only one left
             try:
@@ -268,8 +291,9 @@ def run_program(source, limits=Limits(), keep=4000, mode=None, guard=True):
         completed = _completed(read_end)
         stdout, stderr = _read(out_path), _read(err_path)
     finally:
-        if read_end is not None:
-            os.close(read_end)
+        for fd in (read_end, seccomp_fd):
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(job_dir, ignore_errors=True)
     if mode != "guard" and returncode > 128:
         returncode = 128 - returncode            # the namespace's first process: 128 + N, killed by signal N
@@ -285,6 +309,8 @@ def run_many(sources, limits=Limits(), workers=None, mode=None):
     """Runs many programs, each in its own process, `workers` at a time (default: one per CPU)."""
     workers = workers or os.cpu_count() or 1
     mode = mode or default_mode()                # decided (and warned about) once, not per thread
+    if mode == "guard":
+        _warn_many()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda s: run_program(s, limits, mode=mode), sources))
 
@@ -292,7 +318,7 @@ def run_many(sources, limits=Limits(), workers=None, mode=None):
 # ----------------------------------------------------------------------------- choosing the mode
 
 _lock = threading.Lock()
-TOOLS = {"bwrap": ["bwrap"], "namespaces": ["unshare", "mount"]}
+TOOLS = {"bwrap": ["bwrap", "unshare", "mount"], "namespaces": ["unshare", "mount"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,4 +374,14 @@ def _warn_fallback(problem):
     warnings.warn(f"sandbox: generated code runs without operating-system isolation, under the in-process "
                   f"guard alone ({problem}). No network, process or disk isolation; see data/sandbox.py. "
                   f"Set T2_SANDBOX=guard to choose this mode and silence this warning.",
+                  RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_many():
+    who = "root" if os.geteuid() == 0 else "the harness's user"
+    warnings.warn(f"sandbox: run_many in guard mode (training on generated code): every program runs as {who}, "
+                  f"with the in-process guard alone. A program with native code (a CPython or numpy memory bug) "
+                  f"escapes it and can do whatever {who} may, and any program can read what {who} may read; "
+                  f"jobs are not kept apart. See data/README.md's table; use bwrap or namespaces to train.",
                   RuntimeWarning, stacklevel=3)
