@@ -242,8 +242,9 @@ def test_a_resumed_search_refuses_a_state_whose_distribution_has_another_length(
     file (its settings and experts' digests alone match), not left to fail inside the search."""
     model, tok, path, wrapper, paths = setup
     cfg = cem.FewShotConfig(task="lowbyte", shots=2, population=2, generations=1, max_new_tokens=1)
-    run = lambda **kw: cem.search(cfg, model, tok, path, LowByteTask(), paths, str(tmp_path / "mix.safetensors"),  # noqa: E731
-                                  log=quiet, run_dir=str(tmp_path / "run"), use_cache=False, **kw)
+    run = lambda **kw: cem.search(  # noqa: E731
+        cfg, model, tok, path, LowByteTask(), paths, str(tmp_path / "mix.safetensors"), log=quiet,
+        run_dir=str(tmp_path / "run"), use_cache=False, **kw)
     run()
     state_path = tmp_path / "run" / "state.pt"
     state = torch.load(state_path, weights_only=False)

@@ -93,7 +93,8 @@ def test_resume_refuses_a_state_with_code_of_another_kind_or_truncated_naming_th
              "a bool step": (dict(state, step=True), "expected a non-negative integer"),
              "a step past the log": (dict(state, step=7), "its step 7 is past the last step of .*log.jsonl, 2"),
              "a p of another shape": (dict(state, p=short), "its p does not fit this run's expert"),
-             "the best p of another shape": (dict(state, best=dict(state["best"], p=short)), "best step's p does not fit"),
+             "the best p of another shape": (dict(state, best=dict(state["best"], p=short)),
+                                             "best step's p does not fit"),
              "a NaN in p": (dict(state, p={n: torch.full_like(p, math.nan) for n, p in state["p"].items()}),
                             "expected a dict of finite float tensors"),
              "a best step past the step": (dict(state, best=dict(state["best"], step=3)), "its best is")}
@@ -171,7 +172,8 @@ def test_a_lora_rank_that_does_not_fit_its_factors_is_refused_before_any_allocat
     # "٢" (Arabic-Indic 2) and "¹" pass str.isdigit(); int() reads the first as 2 and refuses the second, and
     # refuses a string of thousands of digits: each is refused by name, as an ASCII rank of 0 or 2.5 is
     for rank, message in [("10000000", "do not fit rank 10000000"), ("0", "expected a positive integer"),
-                          ("2.5", "expected a positive integer"), ("\u0662", "ASCII digits"), ("\u00b9", "ASCII digits"),
+                          ("2.5", "expected a positive integer"), ("\u0662", "ASCII digits"),
+                          ("\u00b9", "ASCII digits"),
                           ("9" * 5000, "ASCII digits")]:
         safetensors_io.save(tmp_path / "big.safetensors", tensors, dict(meta, rank=rank))
         with pytest.raises(svf.ExpertMismatch, match=message) as refused:
@@ -264,7 +266,8 @@ def test_a_mix_with_non_finite_or_overflowing_alpha_is_refused_by_name(setup, tm
     info = svf.file_info(mix)
     cases = {"NaN": ([math.nan, 0.5], "finite numbers"), "inf": ([0.5, math.inf], "finite numbers"),
              "a string": (["0.5", 0.5], "finite numbers"), "one of two": ([0.5], "expected 2 finite numbers"),
-             "overflowing float32": ([1e308, 0.5], "not all finite"), "all zero": ([0.0, 0.0], "not all finite and > 0"),
+             "overflowing float32": ([1e308, 0.5], "not all finite"),
+             "all zero": ([0.0, 0.0], "not all finite and > 0"),
              "components not a list": ("x", "expected a list of")}
     for name, (value, message) in cases.items():
         key = "experts" if name.startswith("components") else "alpha"
@@ -315,7 +318,8 @@ def test_every_loader_refuses_a_fifo_a_device_or_a_folder_by_name_within_a_secon
                "cem.load_experts": lambda p: cem.load_experts(model, path, [a, p], use_cache=False, log=quiet),
                "run_state.load_state": lambda p: run_state.load_state(p, "reinforce"),
                "run_state.log_until": lambda p: run_state.log_until(p, 0, "state.pt")}
-    for target, kind in ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device"), (str(tmp_path), "a folder")):
+    kinds = ((fifo, "a FIFO (named pipe)"), ("/dev/null", "a character device"), (str(tmp_path), "a folder"))
+    for target, kind in kinds:
         for name, load in loaders.items():
             error = finishes_within(1.0, lambda: load(target), fifo)
             assert isinstance(error, ValueError) and f"{target} is {kind}, not a regular file" in str(error), \
@@ -356,7 +360,8 @@ def test_a_cem_state_and_a_log_are_checked_before_they_are_resumed(tmp_path):
     cem.cem(lambda x: (float(-x.square().sum()), 0.0), 3, population=6, generations=1, log=quiet,
             on_generation=states.append)
     good = dict(states[-1], config={}, experts=[])
-    for change, message in (({"generation": -1}, "its generation is -1"), ({"generation": 1.0}, "its generation is 1.0"),
+    for change, message in (({"generation": -1}, "its generation is -1"),
+                            ({"generation": 1.0}, "its generation is 1.0"),
                             ({"mean": torch.tensor([0.0, math.nan, 0.0])}, "three finite float vectors"),
                             ({"std": torch.ones(4)}, "three finite float vectors of one length")):
         torch.save(dict(good, **change), tmp_path / "state.pt")
