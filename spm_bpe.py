@@ -1,37 +1,44 @@
-"""SentencePiece-style BPE as Hugging Face's tokenizer.json writes it (Mistral v0.1-v0.3, Llama 2).
+"""SentencePiece-style BPE as Hugging Face's tokenizer.json writes it (Mistral v0.1-v0.3, Llama 2),
+replayed by tiktoken.
 
 What differs from the byte-level BPE of tokenizer.py:
   * spaces are written "▁" (U+2581) and one "▁" is put before the text: by a `Prepend` normalizer
     (older conversions: every non-empty piece of text gets it) or by a `Metaspace` pre-tokenizer
     (newer ones: with prepend_scheme "first" only text at the very start of the input gets it, and
     never text that already starts with a space);
-  * BPE works on unicode characters, not bytes. A character the vocabulary lacks becomes its UTF-8
-    bytes as the tokens "<0xE4>", "<0xB8>", ... (`byte_fallback`), or `unk_token` without it;
-  * there is no pre-tokenizer: the whole text is one word, merged by the merges list's order.
+  * BPE works on unicode characters, not bytes: a character that is one token is one symbol from
+    the start. A character the vocabulary lacks becomes its UTF-8 bytes as the tokens "<0xE4>",
+    "<0xB8>", ... (`byte_fallback`), or `unk_token` without it (one for a run with `fuse_unk`);
+  * a pair is merged by the position of that exact merge in `merges`, and there is no
+    pre-tokenizer: the whole text is one word. `reference_encode` below is that definition, plainly.
 
-Why not tiktoken, measured (cases.json and Hugging Face `tokenizers` 0.23.3 as the reference,
-mistral-v0.1, an AMD EPYC core shared with other jobs): tiktoken can be made to replay this BPE.
-Give single bytes, then the UTF-8 prefixes of the vocabulary's characters, then the characters,
-then each merged token in the order of its first merge the lowest ranks, map ranks back to ids
-after encoding, and expand a prefix left over (a character outside the vocabulary) into its byte
-tokens. That gave Hugging Face's ids for all 24 cases, 22,815 random and README texts and 128,628
-texts made of vocabulary tokens and of the 429 strings where two splits of one token overlap. But
-it is exact only by measurement: the file ranks the several splits of one token one after the
-other, tiktoken gives them one rank (see ranks_from_tokenizer_json in tokenizer.py). And it is no
-faster: 1 MB of the README took 0.15 s with tiktoken, 0.18 s with the loop below (which caches
-words), 1.5 s with Hugging Face (no pre-tokenizer: the whole text is one word for it).
-benchmarks/bench_tokenizer.py --replay repeats the comparison. So this module replays the list
-itself with Hugging Face's own algorithm, exact by construction: a heap of candidate pairs ordered
-by (merge rank, position), stale entries skipped when popped, and a cache per word.
+How tiktoken replays it. tiktoken merges bytes, the adjacent pair whose concatenation has the
+lowest rank first. So the ranks are: the 256 single bytes, then the UTF-8 prefixes of the
+vocabulary's characters, then those characters (so each character is whole before any merge
+touches it), then each merged token in the order of the first merge that makes it. The ranks map
+back to ids after encoding; a byte or prefix left over is a character outside the vocabulary and
+becomes its byte tokens (or unk). Words: when no vocabulary token has "▁" after another
+character (checked here; true of Mistral and Llama 2), no merge can cross into a following "▁",
+so tiktoken's pattern cuts the text there, and tiktoken returns a piece that is itself a token as
+it is (Hugging Face merges it, always ending at that token in the measurement below).
 
-Words: a merge can never join a character to a following "▁" when no vocabulary token has "▁"
-after another character (checked when loading; true of Mistral and Llama 2), so the text is cut
-before each such "▁" and every word is merged, and cached, on its own. Otherwise the whole text
-is one word (still correct, only slower).
+Exact? tiktoken ranks every merge that makes one token alike; the file lists them one after the
+other (checked here), sorted by the parts' ids. That is the same order for pairs making different
+tokens; inside one token's merges the two could differ only where two of them overlap ([a, b, c]
+with a+b = b+c, 140 tokens of Mistral's, e.g. "----" = "-"+"---" = "---"+"-") and the file lists
+the right one first. Measured (Hugging Face `tokenizers` 0.23.3 and reference_encode as references,
+mistral-v0.1 and -metaspace): the same ids for all 24 cases of cases.json, 1 MB of GSM8K, 152,128
+texts against Hugging Face (every vocabulary token, runs of one character up to 129 long, random
+mixes, the README's paragraphs; decoding them gave Hugging Face's text too) and 6.8 million random
+strings made of those 140 tokens' characters and splits against reference_encode. So tiktoken is used, at 2.4 million
+tokens/s on 1 MB of GSM8K (one AMD EPYC core, shared with other jobs) where Hugging Face manages
+0.22 million (the whole text is one word for it) and reference_encode, which rescans the whole
+text after every merge, about 120; benchmarks/bench_tokenizer.py --reference prints these numbers.
 """
 
-import heapq
 import re
+
+import tiktoken
 
 SPACE = "\u2581"  # "▁"
 
@@ -67,89 +74,131 @@ class SentencePieceBPE:
     def __init__(self, tj, where="tokenizer.json"):
         model = tj["model"]
         self.vocab = vocab = model["vocab"]
-        self.prefix, split_all = prefix_rule(tj, where)
-        self.merges = {}  # (left id, right id) -> (rank, merged id), as Hugging Face's BPE keeps them
-        for rank, merge in enumerate(model["merges"]):
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
-            try:
-                self.merges[vocab[left], vocab[right]] = (rank, vocab[left + right])
-            except KeyError:
-                raise SentencePieceError(f"{where}: merge {merge!r} uses or makes a token that is not "
-                                         f"in the vocab") from None
+        self.prefix, self.split_all = prefix_rule(tj, where)
         self.byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)] if model.get("byte_fallback") else None
+        if self.byte_ids and None in self.byte_ids:
+            raise SentencePieceError(f"{where}: byte_fallback is on but the vocab lacks the byte token "
+                                     f"<0x{self.byte_ids.index(None):02X}>")
         self.unk_id = vocab.get(model.get("unk_token"))
         self.fuse_unk = bool(model.get("fuse_unk"))
-        # Where words may be cut (see the module docstring).
-        inner = any(SPACE in t.lstrip(SPACE) for t in vocab)
-        self.words = re.compile(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+" if split_all else
-                                None if inner else f"{SPACE}*[^{SPACE}]*")
-        self.cache = {}
+        self.merges = {}  # (left id, right id) -> (rank, merged id), for reference_encode
 
-    def encode(self, text, at_start=True):
-        """Text -> ids. at_start: this text begins the input (see prefix_rule for who gets "▁")."""
+        # tiktoken's ranks (see the module docstring) and, for each rank, its id (None: not a token)
+        ranks, self.rank_id = {}, []
+
+        def add(data, i):
+            if data in ranks:  # an ASCII character: its own id, not the byte token's
+                self.rank_id[ranks[data]] = i
+            else:
+                ranks[data] = len(self.rank_id)
+                self.rank_id.append(i)
+        for b in range(256):
+            add(bytes([b]), self.byte_ids[b] if self.byte_ids else None)
+        chars = [t for t in vocab if len(t) == 1]
+        for c in chars:
+            for k in range(2, len(c.encode())):
+                add(c.encode()[:k], None)
+        for c in chars:
+            add(c.encode(), vocab[c])
+        made = None
+        for rank, merge in enumerate(model["merges"]):
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            if left not in vocab or right not in vocab or left + right not in vocab:
+                raise SentencePieceError(f"{where}: merge {rank} {merge!r} uses or makes a token that is "
+                                         f"not in the vocab")
+            self.merges[vocab[left], vocab[right]] = (rank, vocab[left + right])
+            token = (left + right).encode()
+            if token != made and token in ranks:
+                raise SentencePieceError(
+                    f"{where}: merge {rank} {merge!r} makes {left + right!r} again after merges of other "
+                    f"tokens; tiktoken can replay this BPE only when the merges that make one token are "
+                    f"consecutive (tokenizer.py's ranks_from_tokenizer_json says why)")
+            add(token, vocab[left + right])
+            made = token
+        inner = any(SPACE in t.lstrip(SPACE) for t in vocab)
+        pattern = (f"{SPACE}[^{SPACE}]*|[^{SPACE}]+" if self.split_all else r"[\s\S]+" if inner else
+                   f"{SPACE}*[^{SPACE}]+|{SPACE}+")
+        self.enc = tiktoken.Encoding("spm", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+
+    def normalize(self, text, at_start=True):
+        """Spaces -> "▁", and the "▁" that prefix_rule puts in front."""
         if not text:
-            return []
+            return ""
         text = text.replace(" ", SPACE)
         if self.prefix == "prepend" or (not text.startswith(SPACE) and
                                         (self.prefix == "always" or self.prefix == "first" and at_start)):
             text = SPACE + text
-        if self.words is None:
-            return self.merge_word(text)
-        ids = []
-        for word in self.words.findall(text):
-            cached = self.cache.get(word)
-            if cached is None:
-                cached = self.merge_word(word)
-                if len(word) < 64:
-                    if len(self.cache) > 200_000:
-                        self.cache.clear()
-                    self.cache[word] = cached
-            ids += cached
-        return ids
+        return text
 
-    def symbols(self, word):
-        """The starting symbols: one per character, or its bytes' tokens, or unk."""
-        out = []
+    def encode(self, text, at_start=True):
+        """Text -> ids. at_start: this text begins the input (see prefix_rule for who gets "▁")."""
+        ids, unknown = [], b""  # unknown: bytes of characters outside the vocabulary, in a row
+        for r in self.enc.encode_ordinary(self.normalize(text, at_start)):
+            i = self.rank_id[r]
+            if i is None:
+                unknown += self.enc.decode_single_token_bytes(r)
+                continue
+            if unknown:
+                ids += self.fallback(unknown)
+                unknown = b""
+            ids.append(i)
+        return ids + self.fallback(unknown) if unknown else ids
+
+    def fallback(self, data):
+        """Ids for the UTF-8 bytes of characters the vocabulary lacks: their byte tokens, or unk."""
+        if self.byte_ids:
+            return [self.byte_ids[b] for b in data]
+        if self.unk_id is None:
+            raise SentencePieceError(f"{data.decode(errors='replace')!r} has no token, and the model has "
+                                     f"neither byte_fallback nor an unk_token")
+        return [self.unk_id] * (1 if self.fuse_unk else len(data.decode(errors="replace")))
+
+    def reference_encode(self, text, at_start=True):
+        """The definition, plainly and slowly (tests and the benchmark compare encode with it): one
+        symbol per character (or its fallback), then merge the adjacent pair whose merge comes first
+        in the list, leftmost on a tie, until no pair is a merge. (Metaspace with split=true merges
+        each "▁word" on its own.)"""
+        text = self.normalize(text, at_start)
+        if self.split_all:
+            return [i for word in re.findall(f"{SPACE}[^{SPACE}]*|[^{SPACE}]+", text)
+                    for i in self.reference_merge(word)]
+        return self.reference_merge(text)
+
+    def reference_merge(self, word):
+        syms = []
         for c in word:
-            i = self.vocab.get(c)
-            if i is not None:
-                out.append(i)
-            elif self.byte_ids and all(self.byte_ids[b] is not None for b in c.encode()):
-                out += [self.byte_ids[b] for b in c.encode()]
-            elif self.unk_id is None:
-                raise SentencePieceError(f"character {c!r} has no token, no byte fallback and no unk_token")
-            elif not (self.fuse_unk and out and out[-1] == self.unk_id):
-                out.append(self.unk_id)
-        return out
+            fallback = [] if c in self.vocab else self.fallback(c.encode())
+            if not (self.fuse_unk and fallback == [self.unk_id] and syms and syms[-1] == self.unk_id):
+                syms += fallback or [self.vocab[c]]
+        while True:
+            found = [(self.merges[p][0], k) for k, p in enumerate(zip(syms, syms[1:])) if p in self.merges]
+            if not found:
+                return syms
+            k = min(found)[1]
+            syms[k:k + 2] = [self.merges[syms[k], syms[k + 1]][1]]
 
-    def merge_word(self, word):
-        """Hugging Face's BPE: repeatedly merge the adjacent pair whose merge comes first in the
-        list (leftmost on a tie). Symbols live in a linked list; the heap holds candidate merges
-        (rank, position of the left symbol, merged id), checked when popped."""
-        ids = self.symbols(word)
-        n = len(ids)
-        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            m = self.merges.get((ids[i], ids[i + 1]))
-            if m:
-                heap.append((m[0], i, m[1]))
-        heapq.heapify(heap)
-        while heap:
-            rank, i, new = heapq.heappop(heap)
-            j = nxt[i]
-            if ids[i] is None or j >= n or self.merges.get((ids[i], ids[j]), (None, None))[1] != new:
-                continue  # stale: one of the two symbols has been merged since
-            ids[i], ids[j] = new, None
-            nxt[i] = nxt[j]
-            if nxt[i] < n:
-                prv[nxt[i]] = i
-            for a, b in ((prv[i], i), (i, nxt[i])):
-                if a >= 0 and b < n:
-                    m = self.merges.get((ids[a], ids[b]))
-                    if m:
-                        heapq.heappush(heap, (m[0], a, m[1]))
-        return [i for i in ids if i is not None]
+    def decode(self, ids, specials):
+        """Ids -> text as Hugging Face's decoder does it ("▁" -> " ", ByteFallback, Fuse, Strip): a
+        run of byte tokens becomes its UTF-8 text, or one U+FFFD per byte where it is not valid
+        UTF-8; then the one leading space that the prefix "▁" stands for goes. specials: {id: text}
+        of the control tokens; unknown ids are skipped."""
+        if not hasattr(self, "text_of"):
+            self.byte_of = {i: b for b, i in enumerate(self.byte_ids or []) if i is not None}
+            self.text_of = {i: t.replace(SPACE, " ") for t, i in self.vocab.items() if i not in self.byte_of}
+        out, run = [], bytearray()
+        for i in [*ids, None]:
+            if i in self.byte_of:
+                run.append(self.byte_of[i])
+                continue
+            if run:
+                try:
+                    out.append(run.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append("\ufffd" * len(run))
+                run = bytearray()
+            out.append(specials.get(i) or self.text_of.get(i, ""))
+        text = "".join(out)
+        return text[1:] if text.startswith(" ") else text
 
     def id_to_bytes(self):
         """{id: the bytes it decodes to}: "▁" becomes a space, "<0x41>" the byte 0x41."""

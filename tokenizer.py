@@ -1,18 +1,23 @@
-"""A byte-level BPE tokenizer on tiktoken, built from a checkpoint directory, and its chat template.
+"""A checkpoint directory's tokenizer on tiktoken, and its chat template.
 
 Two sources, tried in this order:
-  * `tokenizer.json` (Hugging Face): the BPE `vocab` and `merges`, whose tokens are bytes written
-    with GPT-2's byte-to-unicode table, the pre-tokenizer (which we translate into one tiktoken
-    split pattern) and the `added_tokens` (control tokens such as <|im_end|>);
+  * `tokenizer.json` (Hugging Face): the BPE `vocab` and `merges` and the `added_tokens` (control
+    tokens such as <|im_end|>). Either byte-level BPE (SmolLM2, Qwen2, Llama 3), whose tokens are
+    bytes written with GPT-2's byte-to-unicode table, with a pre-tokenizer that we translate into
+    one tiktoken split pattern and no normalizer or NFC (Qwen2); or SentencePiece-style BPE
+    (Mistral, Llama 2: "▁" for spaces, byte fallback), which spm_bpe.py replays;
   * `tokenizer.model` (Meta's Llama 3): lines of `base64(token bytes) rank`, with the Llama 3
     split pattern and the 256 special tokens that follow the ranks.
+A file we cannot read exactly is refused with a TokenizerError naming it.
 
-Why tiktoken can replay a Hugging Face BPE: tiktoken merges, at each step, the adjacent pair whose
-concatenation has the lowest rank. If the rank of a token is its id and ids grow in the order of
-the merges list (true of SmolLM2, Qwen2 and Llama 3; checked when loading), that is the merge
-Hugging Face would apply. tests/test_tokenizer.py pins ids that the Hugging Face tokenizer gives.
+Why tiktoken can replay a Hugging Face byte-level BPE: tiktoken merges, at each step, the adjacent
+pair whose concatenation has the lowest rank, and we make a token's rank its id. That is the merge
+Hugging Face would apply when ids grow in the order of the merges list, several merges of one
+token (Llama 3 has them) standing together; ranks_from_tokenizer_json says exactly what is checked
+when loading and why. ../shared/tokenizers/cases.json holds Hugging Face's ids for Llama 3, 3.1,
+Qwen3 and Mistral (tests/test_tokenizer_families.py); tests/test_tokenizer.py pins SmolLM2's.
 
-Three choices worth knowing:
+Four choices worth knowing:
   * Text is always encoded as plain text: "<|im_end|>" typed by a user becomes the tokens of
     those characters, never the control token. Control tokens only come from `chat`.
   * Bytes without a token. SmolLM2's vocabulary lacks 21 single bytes (0x04, 0x06, 0x13, 0x14,
@@ -27,14 +32,22 @@ Three choices worth knowing:
     characters and the lead bytes of the unassigned planes U+40000-U+BFFFF occur in a str.
   * `decode` never fails: unknown ids are skipped (as Hugging Face does) and bytes that are not
     valid UTF-8, e.g. half a character, become U+FFFD.
+  * SentencePiece-style text gets a "▁" (a space) in front, and the text after a control token in
+    a rendered chat may or may not: `encode(text, at_start=False)` is how such a piece is encoded.
+    `decode` drops the one leading space, as Hugging Face's decoder does.
 """
 
 import base64
 import json
 import os
 import re
+import unicodedata
+import warnings
 
 import tiktoken
+
+from chat_template import ChatTemplate, ChatTemplateError, fold_system  # noqa: F401 (re-exported)
+from spm_bpe import SentencePieceBPE, SentencePieceError
 
 # GPT-2's pre-tokenizer (Hugging Face ByteLevel with use_regex=true).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -77,7 +90,7 @@ def bytes_to_unicode():
     return table
 
 
-def split_pattern(pre_tokenizer):
+def split_pattern(pre_tokenizer, where="tokenizer.json"):
     """The tiktoken pattern equivalent to a tokenizer.json `pre_tokenizer`."""
     steps = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer else []
     if pre_tokenizer and pre_tokenizer.get("type") != "Sequence":
@@ -101,16 +114,32 @@ def split_pattern(pre_tokenizer):
     if kinds == ["Split", "ByteLevel"]:  # Qwen2, Llama 3 in Hugging Face format
         return steps[0]["pattern"]["Regex"]
     raise TokenizerError(
-        f"unsupported pre_tokenizer {kinds}; expected ByteLevel(use_regex=true), "
+        f"{where}: unsupported pre_tokenizer {kinds}; expected ByteLevel(use_regex=true), "
         f"Sequence[Digits(individual_digits=true), ByteLevel] or Sequence[Split(Regex), ByteLevel]")
 
 
-def ranks_from_tokenizer_json(tj, special):
-    """{token bytes: rank} from a byte-level BPE model, where rank = id; checks ids follow merges."""
+def ranks_from_tokenizer_json(tj, special, where="tokenizer.json"):
+    """{token bytes: rank} from a byte-level BPE model, rank = id; checks tiktoken can replay it.
+
+    Hugging Face merges, at each step, the adjacent pair whose merge comes first in `merges`
+    (leftmost on a tie); tiktoken the pair whose concatenation has the lowest rank, here its id.
+    So tiktoken ranks every merge that makes one token alike, and Meta's Llama 3 file lists several
+    (every split of a token into two tokens: "Ġ ĠĠĠ", "ĠĠ ĠĠ", "ĠĠĠ Ġ" all make "ĠĠĠĠ"). For
+    pairs that make different tokens the two orders agree exactly when
+      * the merges that make one token are consecutive in the list (one group per token), and
+      * the groups come in increasing id order (then rank = id is the list's order).
+    So a later duplicate merge, one that makes a token some earlier merge already made, is harmless
+    only if no merge of another token comes between them: with merges "b c", "a b", "ab c", "bc d",
+    "a bc", Hugging Face turns "abcd" into a, bc, d and then "bc d" (listed before the duplicate
+    "a bc") into a, bcd, while tiktoken ranks "a bc" with "ab c", before "bc d", and gives abc, d.
+    Left to measurement, not checked: inside one group Hugging Face tries the splits in list order,
+    tiktoken the leftmost pair first, which can differ only where two splits of one token overlap
+    ([a, b, c] with a+b = b+c); and tiktoken merges any pair whose concatenation is a token, listed
+    or not. Lists made by training (SmolLM2, Qwen2) or from tiktoken ranks (Llama 3) never reached
+    either in the reference cases, nor in 25,216 texts (runs of one character up to 129 long,
+    random mixes, the README's paragraphs) encoded with Llama 3's file here and by Hugging Face
+    `tokenizers` 0.23.3."""
     model = tj["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise TokenizerError(f"expected a byte-level BPE model, found type {model.get('type')!r}"
-                             f"{' with byte_fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {}
     for token, i in model["vocab"].items():
@@ -119,17 +148,54 @@ def ranks_from_tokenizer_json(tj, special):
         try:
             ranks[bytes(byte_of[c] for c in token)] = i
         except KeyError:
-            raise TokenizerError(f"vocab token {token!r} (id {i}) is not written in GPT-2's "
+            raise TokenizerError(f"{where}: vocab token {token!r} (id {i}) is not written in GPT-2's "
                                  f"byte-to-unicode alphabet; is this a byte-level BPE?") from None
-    previous = -1
-    for merge in model["merges"]:
+    made, previous = None, -1  # the token the current group makes, the id of the group before
+    done = set()
+    for n, merge in enumerate(model["merges"]):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
-        i = model["vocab"].get(left + right)
-        if i is None or i <= previous:
-            raise TokenizerError(f"merge {merge!r} gives id {i} after id {previous}: tiktoken needs ids "
-                                 f"that grow in the order of the merges")
-        previous = i
+        token = left + right
+        if token == made:
+            continue  # another split of the same token, in its group: harmless
+        i = model["vocab"].get(token)
+        if i is None or i <= previous or token in done:
+            why = ("makes no vocab token" if i is None else
+                   f"makes {token!r} again after merges of other tokens" if token in done else
+                   f"makes id {i} after a group of id {previous}")
+            raise TokenizerError(
+                f"{where}: merge {n} {merge!r} {why}: tiktoken can replay Hugging Face's BPE only when "
+                f"the merges that make one token are consecutive and their tokens' ids grow in the "
+                f"order of the merges")
+        done.add(token)
+        made, previous = token, i
     return ranks
+
+
+def read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e}); is the download complete?") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def is_sentencepiece(tj):
+    """SentencePiece-style BPE (spm_bpe.py): byte fallback, or "▁" put in by the normalizer or a
+    Metaspace pre-tokenizer; byte-level BPE has none of them."""
+    steps = json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    return bool(tj["model"].get("byte_fallback")) or '"Metaspace"' in steps or '"Prepend"' in steps
+
+
+def byte_level_normalizer(tj, where):
+    """True for an NFC normalizer (Qwen2), False for none; anything else is refused."""
+    norm = tj.get("normalizer")
+    if norm is None or norm.get("type") == "NFC":
+        return norm is not None
+    raise TokenizerError(f"{where}: unsupported normalizer {json.dumps(norm)[:200]} for a byte-level "
+                         f"BPE; expected none or NFC")
 
 
 def load_tiktoken_ranks(path):
@@ -161,20 +227,27 @@ def default_system_prompt(template):
 
 
 class Tokenizer:
-    def __init__(self, mergeable_ranks, special_tokens, pat_str, config=None, unk_id=None, name="bpe"):
+    def __init__(self, mergeable_ranks, special_tokens, pat_str, config=None, unk_id=None, name="bpe",
+                 config_path=None, nfc=False, spm=None):
+        """Byte-level BPE: mergeable_ranks {bytes: id} and pat_str for tiktoken (nfc: the file's NFC
+        normalizer). SentencePiece-style: spm, a spm_bpe.SentencePieceBPE (ranks and pattern None)."""
         config = config or {}
         self.special_tokens = dict(special_tokens)  # text -> id
-        self.vocab_size = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1
-        # Placeholder ranks for the single bytes the vocabulary lacks (see the module docstring).
-        ranks = dict(mergeable_ranks)
-        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
-        self.placeholders = {}  # placeholder rank -> the id it stands for (None: dropped)
-        for k, b in enumerate(missing):
-            ranks[b] = self.vocab_size + k
-            self.placeholders[self.vocab_size + k] = unk_id
-        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
-                                     special_tokens=self.special_tokens)
-        self.id_to_bytes = {i: t for t, i in mergeable_ranks.items()}
+        self.spm, self.nfc, self.placeholders, self.enc = spm, nfc, {}, None
+        if spm is not None:
+            self.vocab_size = max([*spm.vocab.values(), *special_tokens.values()]) + 1
+            self.id_to_bytes, self.unk_id = spm.id_to_bytes(), spm.unk_id
+        else:
+            self.vocab_size = max([*mergeable_ranks.values(), *special_tokens.values()]) + 1
+            # Placeholder ranks for the single bytes the vocabulary lacks (see the module docstring).
+            ranks = dict(mergeable_ranks)
+            missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+            for k, b in enumerate(missing):  # placeholder rank -> the id it stands for (None: dropped)
+                ranks[b] = self.vocab_size + k
+                self.placeholders[self.vocab_size + k] = unk_id
+            self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks,
+                                         special_tokens=self.special_tokens)
+            self.id_to_bytes, self.unk_id = {i: t for t, i in mergeable_ranks.items()}, unk_id
         self.id_to_bytes.update({i: t.encode() for t, i in self.special_tokens.items()})
 
         def special_id(key):
@@ -190,27 +263,44 @@ class Tokenizer:
             self.family = "llama3"
         else:
             self.family = None
-        self.default_system = default_system_prompt(config.get("chat_template"))
         self.stop_tokens = {self.special_tokens[t] for t in STOP_TEXTS if t in self.special_tokens}
         if self.eos_id is not None:
             self.stop_tokens.add(self.eos_id)
+        # chat template: the checkpoint's own, compiled once (chat() runs for every prompt)
+        self.config_path = config_path  # None for a tokenizer built in code
+        self.template = None
+        if config.get("chat_template") is not None:
+            self.template = ChatTemplate(
+                config["chat_template"], self.special_tokens, config_path or "tokenizer_config.json",
+                variables={k: token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
 
     @classmethod
     def from_dir(cls, path):
         config_path = os.path.join(path, "tokenizer_config.json")
-        config = {}
-        if os.path.exists(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        if os.path.exists(os.path.join(path, "tokenizer.json")):
-            with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
-                tj = json.load(f)
+        config = read_json(config_path) if os.path.exists(config_path) else {}
+        json_path = os.path.join(path, "tokenizer.json")
+        if os.path.exists(json_path):
+            tj = read_json(json_path)
+            model = tj.get("model")
+            if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or \
+                    not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+                found = model.get("type") if isinstance(model, dict) else type(model).__name__
+                raise TokenizerError(f"{json_path}: expected a BPE model (\"model\": {{\"type\": \"BPE\", "
+                                     f"\"vocab\": {{...}}, \"merges\": [...]}}), found {found!r}; "
+                                     f"WordPiece and Unigram tokenizers are not supported")
             special = {a["content"]: a["id"] for a in tj.get("added_tokens", [])}
-            unk = tj["model"].get("unk_token")
-            return cls(ranks_from_tokenizer_json(tj, special), special,
-                       split_pattern(tj.get("pre_tokenizer")), config,
-                       unk_id=tj["model"]["vocab"].get(unk) if unk else None,
-                       name=os.path.basename(os.path.abspath(path)))
+            name = os.path.basename(os.path.abspath(path))
+            if is_sentencepiece(tj):
+                try:
+                    spm = SentencePieceBPE(tj, json_path)
+                except SentencePieceError as e:
+                    raise TokenizerError(str(e)) from None
+                return cls(None, special, None, config, name=name, config_path=config_path, spm=spm)
+            unk = model.get("unk_token")
+            return cls(ranks_from_tokenizer_json(tj, special, json_path), special,
+                       split_pattern(tj.get("pre_tokenizer"), json_path), config,
+                       unk_id=model["vocab"].get(unk) if unk else None, name=name,
+                       config_path=config_path, nfc=byte_level_normalizer(tj, json_path))
         if os.path.exists(os.path.join(path, "tokenizer.model")):
             ranks = load_tiktoken_ranks(os.path.join(path, "tokenizer.model"))
             added = config.get("added_tokens_decoder")
@@ -219,12 +309,22 @@ class Tokenizer:
             else:
                 special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)}
             config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", **config}
-            return cls(ranks, special, LLAMA3_PATTERN, config, name="llama3")
+            return cls(ranks, special, LLAMA3_PATTERN, config, name="llama3", config_path=config_path)
         found = sorted(os.listdir(path)) if os.path.isdir(path) else "no such directory"
         raise TokenizerError(f"{path}: expected tokenizer.json or tokenizer.model, found {found}")
 
-    def encode(self, text):
-        """Plain text -> ids. Control-token text such as "<|im_end|>" stays plain text."""
+    def encode(self, text, at_start=True):
+        """Plain text -> ids, as Hugging Face's encode(text, add_special_tokens=False). Control-token
+        text such as "<|im_end|>" stays plain text.
+
+        at_start: whether the text begins the input. Only SentencePiece-style tokenizers care: with a
+        Metaspace pre-tokenizer (prepend_scheme "first") only text at the start gets the "▁" that
+        stands for a leading space; the text after a control token in a rendered chat does not. The
+        older Prepend normalizer gives every piece its "▁". See spm_bpe.prefix_rule."""
+        if self.spm is not None:
+            return self.spm.encode(text, at_start)
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
         ids = self.enc.encode_ordinary(text)
         if self.placeholders and max(ids, default=0) >= self.vocab_size:
             ids = [self.placeholders.get(i, i) for i in ids]
@@ -234,20 +334,62 @@ class Tokenizer:
     def decode(self, ids):
         """Ids -> text. Control tokens decode to their text; never raises on any list of ints."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        if self.spm is not None:
+            return self.spm.decode([int(i) for i in ids], {i: t for t, i in self.special_tokens.items()})
         data = b"".join(self.id_to_bytes.get(int(i), b"") for i in ids)
         return data.decode("utf-8", errors="replace")
 
-    def chat(self, messages, add_generation_prompt=True):
+    def chat(self, messages, add_generation_prompt=True, fold_system_message=False, **variables):
         """[{"role", "content"}, ...] -> ids, as the checkpoint's chat template renders them.
 
-        The text between two control tokens is encoded as one piece, as Hugging Face does when
-        it tokenizes the rendered template."""
+        Control tokens come only from the template: "<|im_end|>" typed in a message stays text
+        (chat_template.py says how). The text between two control tokens is encoded as one piece,
+        as Hugging Face does when it tokenizes the rendered template. `variables` go to the template
+        as transformers passes them (e.g. Llama 3.1's date_string, Qwen3's enable_thinking).
+
+        A template that refuses the messages raises ChatTemplateError with the template's words:
+        Mistral's v0.1 instruct template takes no system message ("Conversation roles must
+        alternate ..."), which is what Hugging Face does too, so by default we refuse as well
+        rather than change the prompt behind the user's back; `fold_system_message=True` puts the
+        system text in front of the first user message, as mistral-common does, for callers
+        (like our tasks, whose prompts start with a system message) that want that."""
+        if fold_system_message:
+            messages = fold_system(messages)
+        if self.template is None:
+            return self.chat_by_hand(messages, add_generation_prompt)
+        ids, offset = [], 0
+        for text, control in self.template.segments(messages, add_generation_prompt, **variables):
+            if control:
+                ids.append(self.special_tokens[text])
+            else:  # SentencePiece-style tokenizers put "▁" before the text at offset 0 only
+                ids += self.encode(text, at_start=offset == 0)
+            offset += len(text)
+        return ids
+
+    @property
+    def default_system(self):
+        """The system message the template writes when the conversation has none, e.g.
+        SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face"."""
+        if self.template is None:
+            return None
+        try:
+            text = self.template.render([{"role": "user", "content": ""}], add_generation_prompt=False)
+        except ChatTemplateError:
+            return None
+        m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+        return m.group(1) if m else None
+
+    def chat_by_hand(self, messages, add_generation_prompt=True):
+        """Checkpoints without a chat_template (e.g. Meta's own tokenizer.model): ChatML or Llama 3,
+        chosen by the control tokens the tokenizer has, said once per checkpoint."""
         s = self.special_tokens
         ids = []
+        where = self.config_path or "this tokenizer's configuration"
+        if self.family is not None and not getattr(self, "said_no_template", False):
+            warnings.warn(f"{where} has no chat_template; using the built-in {self.family} "
+                          f"template of tokenizer.py", stacklevel=3)
+            self.said_no_template = True
         if self.family == "chatml":
-            # {% if loop.first and messages[0]['role'] != 'system' %} <default system message>
-            if messages and messages[0]["role"] != "system" and self.default_system is not None:
-                messages = [{"role": "system", "content": self.default_system}, *messages]
             for m in messages:
                 ids += [s["<|im_start|>"], *self.encode(f"{m['role']}\n{m['content']}"),
                         s["<|im_end|>"], *self.encode("\n")]
@@ -262,6 +404,7 @@ class Tokenizer:
                 ids += [s["<|start_header_id|>"], *self.encode("assistant"), s["<|end_header_id|>"],
                         *self.encode("\n\n")]
         else:
-            raise TokenizerError("no chat template for this tokenizer: expected ChatML "
-                                 "(<|im_start|>) or Llama 3 (<|start_header_id|>) control tokens")
+            raise TokenizerError(f"{where} has no chat_template, and this tokenizer has "
+                                 f"neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>) "
+                                 f"control tokens for a built-in one")
         return ids

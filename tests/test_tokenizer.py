@@ -253,7 +253,7 @@ def test_tiny_tokenizer_missing_byte_uses_unk_when_the_model_has_one(tmp_path):
 
 
 def test_tiny_tokenizer_rejects_what_tiktoken_cannot_replay(tmp_path):
-    with pytest.raises(TokenizerError, match="grow in the order of the merges"):
+    with pytest.raises(TokenizerError, match="merge 1 'Ġ t' makes id 256 after a group of id 257"):
         Tokenizer.from_dir(swapped_merges(tmp_path / "a"))
     with pytest.raises(TokenizerError, match="unsupported pre_tokenizer"):
         Tokenizer.from_dir(write_tokenizer_json(tmp_path / "b", MERGES, pre={"type": "Whitespace"}))
@@ -268,6 +268,36 @@ def swapped_merges(path):
     tj["model"]["merges"] = ["h e", "Ġ t"]
     (path / "tokenizer.json").write_text(json.dumps(tj))
     return str(path)
+
+
+def write_merges(path, merges):
+    """Like write_tokenizer_json, but a token made by several merges gets one id, at its first."""
+    write_tokenizer_json(path, [])
+    tj = json.loads((path / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    for m in merges:
+        vocab.setdefault(m.replace(" ", ""), len(vocab))
+    for k, a in enumerate(tj["added_tokens"]):
+        a["id"] = len(vocab) + k
+    tj["model"]["merges"] = merges
+    (path / "tokenizer.json").write_text(json.dumps(tj))
+    return str(path)
+
+
+def test_duplicate_merges_of_one_token(tmp_path):
+    """Several merges may make one token (Llama 3 lists every split). tiktoken ranks them all with
+    the token's id, which is the list's order only while they stay together. Here "a bc" makes
+    "abc" again after "bc d": Hugging Face turns "abcd" into a, bc, d, then prefers "bc d" (listed
+    first) and gives a, bcd; tiktoken would rank "a bc" with "ab c", before "bc d", and give abc, d.
+    So that file is refused; the same merges with the duplicate next to "ab c" load and agree."""
+    with pytest.raises(TokenizerError, match=r"bad/tokenizer.json: merge 4 'a bc' makes 'abc' again after "
+                                             r"merges of other tokens"):
+        Tokenizer.from_dir(write_merges(tmp_path / "bad", ["b c", "a b", "ab c", "bc d", "a bc"]))
+    tok = Tokenizer.from_dir(write_merges(tmp_path / "ok", ["b c", "a b", "ab c", "a bc", "bc d"]))
+    ids = {tok.decode([i]): i for i in range(256, 260)}
+    assert list(ids) == ["bc", "ab", "abc", "bcd"]
+    assert tok.encode("abcd") == [ids["abc"], ord("d")]  # Hugging Face: a,bc,d -> "a bc" (rank 3) first
+    assert tok.encode("bcd") == [ids["bcd"]] and tok.encode("abc") == [ids["abc"]]
 
 
 def test_tiny_llama3_tokenizer_model(tmp_path):
