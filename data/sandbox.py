@@ -20,36 +20,32 @@ What the kernel holds in both namespace modes, whatever the program does in Pyth
 - it runs as an unprivileged user: the harness's own, or, when the harness is root, SANDBOX_UID
   ("nobody"), never the host's root; with no capabilities, and no way to make a user namespace;
 - RLIMIT_NPROC binds that user (root is exempt from it): no process or thread besides the program;
-- the root file system is read-only; the working directory is a fresh tmpfs of Limits.disk_mb MB
-  (namespaces: also at most Limits.files files, and noexec; bwrap: at /tmp/work, in an empty /tmp);
-  /proc is empty; /dev is minimal (bwrap) or the host's (namespaces), read-only; there is no network;
-- it sees no other process, and its namespace's first process (bwrap's own, or a shell) is killed
-  with everything in it when run_program returns.
+- the root file system is read-only; /tmp is the job's own, empty and read-only, and the working
+  directory, /tmp/work in it, a fresh tmpfs of at most Limits.disk_mb MB and Limits.files files
+  (the kernel counts inodes however they are made), noexec; the job's folder on the host (program,
+  stdout, stderr) is the harness's user's alone (0700, 0600); /proc is empty; /dev is minimal (bwrap)
+  or the host's (namespaces), read-only; there is no network;
+- it sees no other process, nor another job's files, and its namespace's first process (bwrap's own,
+  or a shell) is killed with everything in it when run_program returns; in bwrap mode a seccomp
+  filter (_seccomp.py) keeps native code from tracing that process (namespaces: it kept capabilities
+  the program lacks, and the kernel refuses).
 A root harness's interpreter may live where "nobody" cannot go (pyenv under /root): then a first,
 root-owned mount namespace covers each such directory with a tmpfs holding only the interpreter's
 directories (hidden_paths(), view()), and drops to SANDBOX_UID with setpriv before the namespaces.
+In bwrap mode that first stage (in a user namespace of its own where the harness is not root) also
+mounts the working directory's tmpfs: bwrap's options cannot bound its number of files.
 
-What holds where (the table of data/README.md, by class of attack):
-| class                                        | bwrap / namespaces      | guard                      |
-|----------------------------------------------|-------------------------|----------------------------|
-| network                                      | kernel                  | guard                      |
-| other processes: see, signal, ptrace         | kernel (PID namespace)  | guard (+ kernel, non-root) |
-| new processes and threads, left behind       | kernel (RLIMIT_NPROC)   | guard (+ kernel, non-root) |
-| files written outside the working directory  | kernel (read-only root) | guard                      |
-| special files (FIFOs, devices)               | kernel                  | guard                      |
-| disk filled                                  | kernel (tmpfs size)     | guard (files x output_kb)  |
-| the privileges of the harness's user (root)  | kernel (nobody)         | none: it runs as that user |
-| reading files                                | what its user may read  | what the harness may read  |
-| a forged pass                                | the token: see below    | the same                   |
+What holds where, by class of attack, and what guard mode leaves open: data/README.md's table.
 
 A program passes only if it exits with status 0 *and* the child's token arrived twice on the pipe
 whose reading end only the harness holds: once before the program runs, once from the last line of
 the child's main() after the program returned. Only the child's audit hook knows the token; the
 program cannot read it from Python (see _sandbox_child.py for why, and what native code can still do).
 
-Neither mode is a hardened sandbox: there is no seccomp filter or cgroup, and a program can read what
-its user may read. The limits are set in the child, not in a `preexec_fn`: the subprocess docs warn
-that preexec_fn is not safe in the presence of threads, and run_many launches processes from threads.
+Neither mode is a hardened sandbox: there is no cgroup, no seccomp filter but bwrap's against
+tracing, and a program can read what its user may read. The limits are set in the child, not in
+a `preexec_fn`: the subprocess docs warn that preexec_fn is not safe in the presence of threads, and
+run_many launches processes from threads.
 """
 
 import functools
@@ -123,38 +119,50 @@ SETPRIV = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--cle
            "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def work_mount(limits, owner=""):
-    """bwrap mode's first stage: the shell line that mounts the working directory's tmpfs on /tmp (bwrap
-    covers /tmp, and binds this one on WORK): at most disk_mb MB and `files` files and directories (the
-    kernel counts inodes, however they are made: sqlite3, native code), noexec."""
-    options = f"size={limits.disk_mb}m,nr_inodes={limits.files + 1},mode=700,nosuid,nodev,noexec{owner}"
-    return f"mount -t tmpfs -o {options} t2-sandbox /tmp"
-
-
 def command(mode, limits, work_dir, signal_fd, guard=True, seccomp_fd=None):
-    """The command line that runs the child in `mode`. bwrap has no option for a tmpfs's number of
-    files, so in bwrap mode a first stage, in a mount namespace of its own (as root, or in a user
-    namespace for any other harness), mounts the working directory's tmpfs (work_mount()), which bwrap
-    binds on WORK; neither the host nor another job ever sees that mount."""
+    """The command line that runs the child in `mode`, after writing the first stage's mounts, if any
+    (first_stage()), to job_dir/fstab: `mount --all --fstab` makes them all, in order, in one process."""
     child = [sys.executable, "-I", "-B", CHILD, mode, "guard" if guard else "unguarded", str(signal_fd),
              *(f"{key}={value}" for key, value in asdict(limits).items() if key != "timeout_s")]
     if mode == "guard":
         return child
     root = os.geteuid() == 0
-    script = view(os.path.dirname(work_dir)) if root else []
     if mode == "namespaces":
         inner = [*UNSHARE, *child]
     else:
         seccomp = ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
-        owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if root else ""
-        script.append(work_mount(limits, owner))
         # (not root: the first stage maps the harness's user to root; bwrap maps it back, with no capability)
         inner = [*BWRAP, *([] if root else ["--uid", str(os.getuid()), "--gid", str(os.getgid()), "--cap-drop", "ALL"]),
                  "--bind", "/tmp", WORK, "--chdir", WORK, *seccomp, "--", *child]
-    first = [] if not script else ["unshare", *([] if root else ["--user", "--map-root-user"]), "--mount",
-                                   "--propagation", "private", "--", "/bin/sh", "-c",
-                                   "; ".join(["set -e", *script]) + '; exec "$@"', "sh"]
+    mounts = first_stage(mode, limits, os.path.dirname(work_dir), root)
+    first = []
+    if mounts:
+        fstab = os.path.join(os.path.dirname(work_dir), "fstab")
+        with open(fstab, "w", encoding="utf-8", opener=_private) as f:
+            f.write("".join(" ".join(map(_fstab_field, fields)) + " 0 0\n" for fields in mounts))
+        first = ["unshare", *([] if root else ["--user", "--map-root-user"]), "--mount", "--propagation", "private",
+                 "--", "/bin/sh", "-c", f'mount --all --fstab {shlex.quote(fstab)} && exec "$@"', "sh"]
     return _located([*first, *(SETPRIV if root else []), *inner])
+
+
+def first_stage(mode, limits, job_dir, root):
+    """The mounts (fstab fields: what, where, type, options) of a first stage, in a mount namespace
+    of its own, before the sandbox's namespaces: for a root harness, view(); in bwrap mode, the working
+    directory's tmpfs, which bwrap binds on WORK (its options cannot bound a tmpfs's number of files),
+    made in a user namespace of its own where the harness is not root. Neither the host nor another
+    job ever sees these mounts. The tmpfs: at most disk_mb MB and `files` files and directories (the
+    kernel counts inodes, however they are made: sqlite3, native code), noexec, on /tmp (covered by
+    bwrap's own /tmp)."""
+    mounts = view(job_dir) if root else []
+    if mode == "bwrap":
+        owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if root else ""
+        mounts.append(("t2-sandbox", "/tmp", "tmpfs", f"size={limits.disk_mb}m,nr_inodes={limits.files + 1},"
+                                                      f"mode=700,nosuid,nodev,noexec{owner}"))
+    return mounts
+
+
+def _fstab_field(text):
+    return text.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
 
 
 def _located(args):
@@ -185,20 +193,17 @@ def hidden_paths():
 
 
 def view(job_dir):
-    """The root-owned first stage's shell lines that make hidden_paths() visible to SANDBOX_UID: each
+    """The root-owned first stage's mounts that make hidden_paths() visible to SANDBOX_UID: each
     hidden directory covered with a tmpfs that holds only the interpreter's directories, bound
-    read-only (each bound aside into job_dir first, then moved back)."""
-    script, staged = [], 0
-    for covered, paths in hidden_paths().items():   # bind aside, cover, make the way, move back
-        for i, path in enumerate(paths):
-            script += [f"mkdir {shlex.quote(f'{job_dir}/view{staged + i}')}",
-                       f"mount --bind {shlex.quote(path)} {shlex.quote(f'{job_dir}/view{staged + i}')}"]
-        script.append(f"mount -t tmpfs -o mode=755 t2-view {shlex.quote(covered)}")
-        for i, path in enumerate(paths):
-            script += [f"mkdir -p {shlex.quote(path)}",
-                       f"mount --move {shlex.quote(f'{job_dir}/view{staged + i}')} {shlex.quote(path)}"]
+    read-only (each bound aside into job_dir first, then back; X-mount.mkdir makes the way)."""
+    mounts, staged = [], 0
+    for covered, paths in hidden_paths().items():
+        aside = [f"{job_dir}/view{staged + i}" for i in range(len(paths))]
+        mounts += [(path, there, "none", "bind,X-mount.mkdir") for path, there in zip(paths, aside)]
+        mounts.append(("t2-view", covered, "tmpfs", "mode=755"))
+        mounts += [(there, path, "none", "bind,ro,X-mount.mkdir") for path, there in zip(paths, aside)]
         staged += len(paths)
-    return script
+    return mounts
 
 
 # ----------------------------------------------------------------------------- running
@@ -379,9 +384,9 @@ def _warn_fallback(problem):
 
 @functools.lru_cache(maxsize=None)
 def _warn_many():
+    """Once: what training on (or scoring) generated code with run_many means in guard mode."""
     who = "root" if os.geteuid() == 0 else "the harness's user"
-    warnings.warn(f"sandbox: run_many in guard mode (training on generated code): every program runs as {who}, "
-                  f"with the in-process guard alone. A program with native code (a CPython or numpy memory bug) "
-                  f"escapes it and can do whatever {who} may, and any program can read what {who} may read; "
-                  f"jobs are not kept apart. See data/README.md's table; use bwrap or namespaces to train.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"sandbox: run_many in guard mode: every program runs as {who}, with the in-process guard alone. "
+                  f"A program with native code (a CPython or numpy memory bug) escapes it and may do whatever {who} "
+                  f"may; any program reads what {who} may read, other jobs' tests and outputs included. "
+                  f"See data/README.md's table; train with bwrap or namespaces.", RuntimeWarning, stacklevel=3)

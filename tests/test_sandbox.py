@@ -9,13 +9,17 @@ bubblewrap, so there they run. Issue 29's classes each have one test below ("cla
 mode it applies to; `guard=False` runs show what the kernel holds alone, with the guard left out.
 """
 
+import errno
 import inspect
 import json
 import os
+import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -23,7 +27,7 @@ import warnings
 import pytest
 
 from data import get_task
-from data import sandbox
+from data import _seccomp, sandbox
 from data.sandbox import Limits, default_mode, mode_problem, run_many, run_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,11 +207,13 @@ except OSError as e:
 """
 
 
+@pytest.mark.filterwarnings("ignore:sandbox. run_many in guard mode")
 @pytest.mark.parametrize("mode, guard, limits, stopped_by, most", [
     in_mode("bwrap", True, Limits(disk_mb=8), "No space left on device", 8),
     in_mode("bwrap", False, Limits(disk_mb=8), "No space left on device", 8),
     in_mode("namespaces", False, Limits(disk_mb=8), "No space left on device", 8),
     in_mode("namespaces", False, Limits(files=5), "No space left on device", 5),
+    in_mode("bwrap", False, Limits(files=5), "No space left on device", 5),
     in_mode("guard", True, Limits(files=16), "may create at most 16 files", 16)])
 def test_a_disk_bomb_stops_at_the_cap(mode, guard, limits, stopped_by, most):
     """guard=False: the namespace's tmpfs alone, by size (disk_mb) and by number of files (files)."""
@@ -582,3 +588,214 @@ def test_canonical_solutions_pass(mode, guard, monkeypatch):
     problems = humaneval.load("test")
     passed = humaneval.score_many(problems, [ex.answer for ex in problems])
     assert [ex.id for ex, ok in zip(problems, passed) if not ok] == [] and len(problems) == 164
+
+
+# Issue 39, class 1: one job read another's program (its tests) and output, in namespaces mode, through
+# the host's /tmp. Two programs run at once; each looks for the other's files, for up to a second,
+# in /tmp and in `shared` (a folder every sandbox can see, where the job folders are put in the second
+# case: then the job folders' modes alone keep them apart). Guard mode is the control: it sees them.
+PEEK = """# {me}
+import os, time
+ME, OTHER = "SECRET-" + "{m}", "SECRET-" + "{o}"
+print(ME, "is running")
+found, listed, end = [], set(), time.time() + 1.0
+while not found and time.time() < end:
+    for parent in ("/tmp", {shared!r}):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        listed.update(parent + "/" + name for name in names)
+        for name in names:
+            for what in ("program.py", "stdout"):
+                try:
+                    with open(os.path.join(parent, name, what)) as f:
+                        if OTHER in f.read():
+                            found.append(what)
+                except OSError:
+                    pass
+    time.sleep(0.02)
+print("found:", sorted(set(found)), "in /tmp:", sorted(p for p in listed if p.startswith("/tmp/")))
+"""
+
+
+def run_two_at_once(programs, mode, guard):
+    results = [None, None]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, run_program(programs[i], Limits(timeout_s=10), mode=mode, guard=guard))) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("where", ["/tmp", "a shared folder"])
+@pytest.mark.parametrize("mode, guard", KERNEL + [in_mode("guard")])
+def test_jobs_never_see_each_other(tmp_path, monkeypatch, where, mode, guard):
+    shared = "/nowhere"
+    if where != "/tmp":
+        if os.geteuid() != 0 and mode != "guard":
+            pytest.skip("a harness that is not root runs every job as its own user: only the private /tmp "
+                        "keeps them apart")
+        shared = tempfile.mkdtemp(prefix="t2-test-jobs-", dir="/var/tmp")     # outside /tmp, seen by the jobs
+        os.chmod(shared, 0o755)
+        monkeypatch.setattr(sandbox.tempfile, "tempdir", shared)
+    try:
+        a, b = run_two_at_once([PEEK.format(me="SECRET-A", m="A", o="B", shared=shared),
+                                PEEK.format(me="SECRET-B", m="B", o="A", shared=shared)], mode, guard)
+    finally:
+        if shared != "/nowhere":
+            shutil.rmtree(shared)
+    for result in (a, b):
+        assert result.passed and "is running" in result.stdout, result
+    if mode == "guard":                                  # the control: the same programs do see each other
+        assert "found: ['program.py', 'stdout']" in a.stdout + b.stdout, (a, b)
+    else:
+        for result in (a, b):
+            assert "found: [] in /tmp: ['/tmp/work']" in result.stdout, result
+
+
+# Issue 39, class 2: 20,000 files, which sqlite3 makes without any `open` audit event (the guard's
+# count never saw them) in bwrap's working directory (a tmpfs bounded in bytes, not in files).
+FLOODS = {
+    "sqlite3": "import sqlite3\nfor i in range(20000):\n    sqlite3.connect(f'{i}.db').execute('create table t (x)')",
+    "open": "for i in range(20000):\n    open(f'{i}', 'w').close()",
+}
+
+
+@pytest.mark.parametrize("mode, guard", KERNEL + [in_mode("guard")])
+def test_a_flood_of_files_stops_at_the_cap(mode, guard):
+    """The kernel modes without the guard (with it, the guard's count of `open` stops it first), and the guard."""
+    limits = Limits(timeout_s=20, cpu_s=20, files=64)
+    for name, flood in FLOODS.items():
+        program = f"import os\ntry:\n    {flood.replace(chr(10), chr(10) + '    ')}\nfinally:\n" \
+                  "    print('files:', len(os.listdir('.')))"
+        result = run_program(program, limits, mode=mode, guard=guard)
+        assert not result.passed, (name, result)
+        if mode == "guard" and name == "sqlite3":
+            assert "module _sqlite3 is not allowed in guard mode" in result.stderr, result
+        elif mode == "guard":
+            assert "a program may create at most 64 files" in result.stderr, result
+        else:                                            # the tmpfs: 64 inodes, its root one of them
+            assert int(result.stdout.split("files:")[1]) <= 64, (name, result)
+            assert ("No space left on device" if name == "open" else "sqlite3.OperationalError") in result.stderr
+
+
+# Issue 39, class 3: in guard mode, sqlite3 wrote files outside the working directory, _posixshmem made,
+# truncated and removed files in /dev/shm, fcntl's F_SETOWN/F_SETSIG/O_ASYNC sent signals without kill(),
+# listen() bound an unbound socket, a netlink dump listed the host's interfaces, and /proc/self/root/
+# walked around "/proc is not readable". Each must fail in guard mode and do nothing outside in any mode.
+NETLINK_DUMP = """import socket, struct
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+s.send(struct.pack("=IHHII", 32, 18, 0x301, 1, 0) + bytes(16))     # RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP
+links, done = 0, False
+while not done:
+    data = s.recv(65536)
+    while data:
+        length, kind = struct.unpack_from("=IH", data)
+        links, done, data = links + (kind == 16), done or kind == 3, data[(length + 3) & ~3:]
+print("interfaces:", links)
+"""
+GUARD_MODE_CLASSES = {
+    "sqlite3 connect": "import sqlite3\nsqlite3.connect('{dir}/a.db').execute('create table t (x)')",
+    "sqlite3 VACUUM INTO": "import sqlite3\nsqlite3.connect(':memory:').execute(\"VACUUM INTO '{dir}/b.db'\")",
+    "sqlite3 ATTACH": "import sqlite3\nc = sqlite3.connect(':memory:')\nc.execute(\"ATTACH '{dir}/c.db' AS c\")\n"
+                      "c.execute('create table c.t (x)')",
+    "shm_open": "import _posixshmem, os\nfd = _posixshmem.shm_open('/{shm}-new', os.O_CREAT | os.O_RDWR, 0o600)",
+    "shm_unlink the harness's": "import _posixshmem\n_posixshmem.shm_unlink('/{shm}')",
+    "F_SETOWN, F_SETSIG, O_ASYNC": "import fcntl, os\nfor who in ({pid}, -{pid}):\n    r, w = os.pipe()\n"
+                                   "    fcntl.fcntl(r, fcntl.F_SETOWN, who)\n    fcntl.fcntl(r, 10, 9)   # F_SETSIG\n"
+                                   "    fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\n    os.write(w, b'x')\n"
+                                   "import time\ntime.sleep(0.2)",
+    "listen() binds": "import socket\ns = socket.socket()\ns.listen()\nprint('listening on', s.getsockname())",
+    "a netlink dump": NETLINK_DUMP,
+    "/proc/self/root": "import os\nprint(os.listdir('/proc/self/root/'))\n"
+                       "print(open('/proc/self/root/etc/hostname').read())",
+}
+
+
+@pytest.mark.parametrize("mode, guard", MODES)
+def test_guard_mode_closes_what_raises_no_event_and_the_kernel_modes_hold(tmp_path, mode, guard):
+    shm = f"t2-test-{os.getpid()}-{mode}"
+    with open(f"/dev/shm/{shm}", "w") as f:              # a file of the harness in /dev/shm
+        f.write("precious")
+    harness = subprocess.Popen(["sleep", "30"], start_new_session=True)   # and a process, its own group
+    try:
+        for name, program in GUARD_MODE_CLASSES.items():
+            result = run_program(program.format(dir=tmp_path, shm=shm, pid=harness.pid), FAST, mode=mode)
+            assert list(tmp_path.iterdir()) == [] and harness.poll() is None, (name, result)
+            assert open(f"/dev/shm/{shm}").read() == "precious" and not os.path.exists(f"/dev/shm/{shm}-new"), name
+            if mode == "guard":
+                assert not result.passed and "sandbox: " in result.stderr, (name, result)
+            elif name == "a netlink dump":
+                assert result.stdout == "interfaces: 1\n", result          # its own network namespace: lo
+    finally:
+        harness.kill()
+        for path in (f"/dev/shm/{shm}", f"/dev/shm/{shm}-new"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def test_run_many_in_guard_mode_warns_once_what_that_means():
+    sandbox._warn_many.cache_clear()
+    with pytest.warns(RuntimeWarning, match="run_many in guard mode: every program runs as .* guard alone"):
+        assert [r.passed for r in run_many(["pass", "assert False"], FAST, workers=2, mode="guard")] == [True, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_many(["pass"], FAST, mode="guard")                          # once only
+
+
+# Issue 39, class 4: in bwrap mode a program with native code could PTRACE_SEIZE the namespace's first
+# process (bwrap's, the same user's) and read its memory with process_vm_readv; bwrap's seccomp filter
+# (_seccomp.py) refuses them. In namespaces mode that process kept its capabilities: the kernel refuses.
+PTRACE = """import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def errno_of(result):
+    return os.strerror(ctypes.get_errno()) if result == -1 else "done"
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+buf = ctypes.create_string_buffer(8)
+here, there = iovec(ctypes.cast(buf, ctypes.c_void_p), 8), iovec(0x10000, 8)
+libc.process_vm_readv.restype = ctypes.c_ssize_t
+print({"seize": errno_of(libc.ptrace(0x4206, 1, 0, 0)),
+       "process_vm_readv": errno_of(libc.process_vm_readv(1, ctypes.byref(here), 1, ctypes.byref(there), 1, 0)),
+       "pidfd_getfd": errno_of(libc.syscall(438, os.pidfd_open(1), 0, 0))})
+"""
+
+
+@pytest.mark.parametrize("mode, guard", KERNEL)
+def test_the_program_cannot_trace_the_namespaces_first_process(mode, guard):
+    result = run_program(PTRACE, FAST, mode=mode, guard=False)
+    assert result.passed, result
+    refused = "Operation not permitted"
+    assert eval(result.stdout) == {"seize": refused, "process_vm_readv": refused, "pidfd_getfd": refused}, result
+
+
+def run_filter(program, arch, nr):
+    """What the kernel would return for a call `nr` of ABI `arch`: classic BPF, the few opcodes used."""
+    code = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        op, jt, jf, k = code[pc]
+        if op == 0x20:                                       # BPF_LD | BPF_W | BPF_ABS
+            acc = {0: nr, 4: arch}[k]
+        elif op in (0x15, 0x35):                             # BPF_JEQ, BPF_JGE
+            pc += jt if (acc == k if op == 0x15 else acc >= k) else jf
+        else:
+            assert op == 0x06                                # BPF_RET
+            return k
+        pc += 1
+
+
+@pytest.mark.parametrize("machine", sorted(_seccomp.SYSCALLS))
+def test_the_seccomp_filter_denies_tracing_and_nothing_else(machine):
+    arch, numbers = _seccomp.SYSCALLS[machine]
+    program = _seccomp.filter_program(machine)
+    allow, eperm = 0x7FFF0000, 0x00050000 | errno.EPERM
+    assert [run_filter(program, arch, nr) for nr in sorted(numbers.values())] == [eperm] * len(numbers)
+    assert [run_filter(program, arch, nr) for nr in range(0, 460) if nr not in numbers.values()] == [allow] * (460 - 4)
+    assert run_filter(program, 0x40000003, 26) == eperm                        # another ABI (i386's ptrace)
+    if machine == "x86_64":
+        assert run_filter(program, arch, 0x40000000 | 101) == eperm            # x32's
+    assert _seccomp.filter_program("sparc") is None
