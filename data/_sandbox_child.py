@@ -203,8 +203,8 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
         return realpath(path, follow)
 
     def in_proc(path):
-        """Whether `path` leads into /proc, or is written as a path in it (/proc/self/root/etc
-        leads to /etc, but /proc/self/root/proc/PID/root may lead around the check of /proc)."""
+        """Whether `path` leads into /proc, or is written as a path in it: /proc/self/root/<path>
+        leads to /<path>, but through /proc (and its magic links need not lead where they read)."""
         return any(where is None or where == "/proc" or where.startswith("/proc/")
                    for where in (resolve(path), resolve(path, False)))
 
