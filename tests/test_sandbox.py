@@ -685,7 +685,8 @@ def test_a_flood_of_files_stops_at_the_cap(mode, guard):
 # Issue 39, class 3: in guard mode, sqlite3 wrote files outside the working directory, _posixshmem made,
 # truncated and removed files in /dev/shm, fcntl's F_SETOWN/F_SETSIG/O_ASYNC sent signals without kill(),
 # listen() bound an unbound socket, a netlink dump listed the host's interfaces, and /proc/self/root/
-# walked around "/proc is not readable". Each must fail in guard mode and do nothing outside in any mode.
+# walked around "/proc is not readable"; and (found since) any extension module from site-packages may
+# write files with no event. Each must fail in guard mode and do nothing outside in any mode.
 NETLINK_DUMP = """import socket, struct
 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
 s.send(struct.pack("=IHHII", 32, 18, 0x301, 1, 0) + bytes(16))     # RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP
@@ -710,6 +711,7 @@ GUARD_MODE_CLASSES = {
                                    "import time\ntime.sleep(0.2)",
     "listen() binds": "import socket\ns = socket.socket()\ns.listen()\nprint('listening on', s.getsockname())",
     "a netlink dump": NETLINK_DUMP,
+    "native code that writes without events (tiktoken's stands in for safetensors')": "import tiktoken._tiktoken",
     "/proc/self/root": "import os\nprint(os.listdir('/proc/self/root/'))\n"
                        "print(open('/proc/self/root/etc/hostname').read())",
 }
