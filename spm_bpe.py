@@ -29,11 +29,12 @@ with a+b = b+c, 140 tokens of Mistral's, e.g. "----" = "-"+"---" = "---"+"-") an
 the right one first. Measured (Hugging Face `tokenizers` 0.23.3 and reference_encode as references,
 mistral-v0.1 and -metaspace): the same ids for all 24 cases of cases.json, 1 MB of GSM8K, 152,128
 texts against Hugging Face (every vocabulary token, runs of one character up to 129 long, random
-mixes, the README's paragraphs; decoding them gave Hugging Face's text too) and 6.8 million random
-strings made of those 140 tokens' characters and splits against reference_encode. So tiktoken is used, at 2.4 million
-tokens/s on 1 MB of GSM8K (one AMD EPYC core, shared with other jobs) where Hugging Face manages
-0.22 million (the whole text is one word for it) and reference_encode, which rescans the whole
-text after every merge, about 120; benchmarks/bench_tokenizer.py --reference prints these numbers.
+mixes, the README's paragraphs; decoding them gave Hugging Face's text too) and 4.4 million random
+strings made of those 140 tokens' characters and splits against reference_encode. So tiktoken is
+used, at 2.4 million tokens/s on 1 MB of GSM8K (one AMD EPYC core, shared with other jobs) where
+Hugging Face manages 0.22 million (the whole text is one word for it) and reference_encode, which
+rescans the whole text after every merge, about 120; benchmarks/bench_tokenizer.py --reference
+prints these numbers.
 """
 
 import re

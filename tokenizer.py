@@ -124,21 +124,24 @@ def ranks_from_tokenizer_json(tj, special, where="tokenizer.json"):
     Hugging Face merges, at each step, the adjacent pair whose merge comes first in `merges`
     (leftmost on a tie); tiktoken the pair whose concatenation has the lowest rank, here its id.
     So tiktoken ranks every merge that makes one token alike, and Meta's Llama 3 file lists several
-    (every split of a token into two tokens: "Ġ ĠĠĠ", "ĠĠ ĠĠ", "ĠĠĠ Ġ" all make "ĠĠĠĠ"). For
-    pairs that make different tokens the two orders agree exactly when
+    (every split of a token into two tokens: "Ġ ĠĠĠ", "ĠĠ ĠĠ", "ĠĠĠ Ġ" all make "ĠĠĠĠ"). Pairs
+    that make different tokens are then ordered as the list orders them when
       * the merges that make one token are consecutive in the list (one group per token), and
       * the groups come in increasing id order (then rank = id is the list's order).
-    So a later duplicate merge, one that makes a token some earlier merge already made, is harmless
-    only if no merge of another token comes between them: with merges "b c", "a b", "ab c", "bc d",
-    "a bc", Hugging Face turns "abcd" into a, bc, d and then "bc d" (listed before the duplicate
-    "a bc") into a, bcd, while tiktoken ranks "a bc" with "ab c", before "bc d", and gives abc, d.
-    Left to measurement, not checked: inside one group Hugging Face tries the splits in list order,
-    tiktoken the leftmost pair first, which can differ only where two splits of one token overlap
-    ([a, b, c] with a+b = b+c); and tiktoken merges any pair whose concatenation is a token, listed
-    or not. Lists made by training (SmolLM2, Qwen2) or from tiktoken ranks (Llama 3) never reached
-    either in the reference cases, nor in 25,216 texts (runs of one character up to 129 long,
-    random mixes, the README's paragraphs) encoded with Llama 3's file here and by Hugging Face
-    `tokenizers` 0.23.3."""
+    So a later duplicate merge, one that makes a token an earlier merge already made, is harmless
+    only if no merge of another token comes between them. Otherwise that merge comes before the
+    duplicate for Hugging Face and after it for tiktoken, and where their pairs meet the ids
+    differ: with merges "b c", "a b", "ab c", "bc d", "a bc", Hugging Face turns "abcd" into
+    a, bc, d and then, "bc d" being listed before "a bc", into a, bcd; tiktoken ranks "a bc" with
+    "ab c" and gives abc, d. Such a file is refused.
+    Left to measurement, not checked: inside one group Hugging Face tries the splits in list
+    order, tiktoken the leftmost pair first, which can differ only where two splits of one token
+    overlap ([a, b, c] with a+b = b+c); tiktoken merges any pair whose concatenation is a token,
+    listed or not; and it returns a piece that is itself a token as it is, which Hugging Face does
+    only with `ignore_merges` (Llama 3) and otherwise reaches by merging. Lists made by training
+    (SmolLM2, Qwen2) or from tiktoken ranks (Llama 3) never showed a difference: not in the
+    reference cases, nor in 25,216 texts (runs of one character up to 129 long, random mixes, the
+    README's paragraphs) encoded with Llama 3's file here and by Hugging Face `tokenizers` 0.23.3."""
     model = tj["model"]
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {}
@@ -249,6 +252,7 @@ class Tokenizer:
                                          special_tokens=self.special_tokens)
             self.id_to_bytes, self.unk_id = {i: t for t, i in mergeable_ranks.items()}, unk_id
         self.id_to_bytes.update({i: t.encode() for t, i in self.special_tokens.items()})
+        self.special_text = {i: t for t, i in self.special_tokens.items()}
 
         def special_id(key):
             return self.special_tokens.get(token_text(config.get(key)))
@@ -335,7 +339,7 @@ class Tokenizer:
         """Ids -> text. Control tokens decode to their text; never raises on any list of ints."""
         ids = ids.tolist() if hasattr(ids, "tolist") else ids
         if self.spm is not None:
-            return self.spm.decode([int(i) for i in ids], {i: t for t, i in self.special_tokens.items()})
+            return self.spm.decode([int(i) for i in ids], self.special_text)
         data = b"".join(self.id_to_bytes.get(int(i), b"") for i in ids)
         return data.decode("utf-8", errors="replace")
 

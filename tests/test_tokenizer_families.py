@@ -14,7 +14,7 @@ from tokenizer import Tokenizer, TokenizerError
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tokenizers")
 FOLDERS = ["llama3", "llama3_1", "qwen3", "mistral-v0.1", "mistral-v0.1-metaspace"]
 needs_shared = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "cases.json")),
-                                  reason=f"no real tokenizer files at {SHARED} (see the issue 36 notes)")
+                                  reason=f"no real tokenizer files: {SHARED}/cases.json is absent")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,14 @@ def test_typed_control_tokens_stay_text(folder, tokenizers):
         ids = tok.encode("x" + text)
         assert not set(ids) & set(tok.special_tokens.values()), text
         assert tok.decode(ids) == "x" + text
+
+
+@needs_shared
+def test_nfc_normalizer_only_where_the_file_has_one(tokenizers):
+    qwen, llama = tokenizers("qwen3"), tokenizers("llama3")
+    assert qwen.encode("cafe\u0301") == qwen.encode("caf\u00e9")  # Qwen's tokenizer.json: NFC
+    assert llama.encode("cafe\u0301") != llama.encode("caf\u00e9")  # Llama 3's: no normalizer
+    assert llama.decode(llama.encode("cafe\u0301")) == "cafe\u0301"
 
 
 @needs_shared
