@@ -11,7 +11,8 @@ import pytest
 from spm_bpe import SPACE, SentencePieceBPE
 from tokenizer import Tokenizer, TokenizerError
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "tokenizers")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "tokenizers"))
 FOLDERS = ["llama3", "llama3_1", "qwen3", "mistral-v0.1", "mistral-v0.1-metaspace"]
 needs_shared = pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "cases.json")),
                                   reason=f"no real tokenizer files: {SHARED}/cases.json is absent")
