@@ -107,11 +107,17 @@ def check_length(n):
         raise SecurityError(f"a value of {n} items or characters (at most {MAX_CHARS})")
 
 
+def check_bits(n):
+    if n > MAX_BITS:
+        raise SecurityError(f"a number of {n} bits (at most {MAX_BITS})")
+
+
 def check_size(value):
+    """Refuse a value, once made, that is too large to be a part of a prompt."""
     if isinstance(value, (str, list, tuple, dict)):
         check_length(len(value))
-    elif isinstance(value, int) and value.bit_length() > MAX_BITS:
-        raise SecurityError(f"a number of {value.bit_length()} bits (at most {MAX_BITS})")
+    elif isinstance(value, int):
+        check_bits(value.bit_length())
     return value
 
 
@@ -123,10 +129,14 @@ def check_numbers(values):
             raise SecurityError(f"the number {v} (at most {MAX_CHARS} here)")
 
 
+# A width or precision of 8 digits or more in a %-format or a {}-format
+HUGE_FORMAT = re.compile(r"%[-+ #0]*(\d*\.)?\d{8}|\{[^{}]*:[^{}]*\d{8}")
+
+
 def check_format(fmt):
     """A format string may not ask for a huge width or precision (`'{:>9999999999}'`)."""
-    if isinstance(fmt, str) and re.search(r"\d{8}", fmt):
-        raise SecurityError("a format string with a number of 8 digits or more")
+    if isinstance(fmt, str) and HUGE_FORMAT.search(fmt):
+        raise SecurityError("a format string with a width or precision of 8 digits or more")
 
 
 def check_replace(text, old, new):
@@ -164,7 +174,7 @@ FILTER_CHECKS = {"format": lambda fmt, *a, **k: check_format(fmt),
 class Sandbox(ImmutableSandboxedEnvironment):
     """jinja2's immutable sandbox, plus budgets: every call, operator, loop iteration and piece of
     output passes through one of the methods below (the template's syntax tree is rewritten so)."""
-    intercepted_binops = frozenset(["+", "-", "*", "/", "//", "%", "**"])
+    intercepted_binops = frozenset(["+", "*", "%", "**"])  # those that can build large values
 
     def __init__(self, now):
         super().__init__(trim_blocks=True, lstrip_blocks=True,
@@ -198,7 +208,7 @@ class Sandbox(ImmutableSandboxedEnvironment):
         raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
 
     def budget(self):
-        return getattr(self.local, "budget", None) or Budget()  # (compile-time folding: no budget)
+        return getattr(self.local, "budget", None) or Budget()  # (no rendering under way: a new one)
 
     @staticmethod
     def checked_filter(name, f):
@@ -220,12 +230,11 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return check_size(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context, operator, left, right):
-        self.budget().step()
         ints = isinstance(left, int) and isinstance(right, int)
         if operator == "**" and ints and right > 0 and abs(left) > 1:
-            check_size(1 << min(abs(left).bit_length() * right, MAX_BITS + 1))  # the result's bits
+            check_bits(abs(left).bit_length() * right)  # about the result's bits
         if operator == "*" and ints:
-            check_size(1 << min(abs(left).bit_length() + abs(right).bit_length(), MAX_BITS + 1))
+            check_bits(abs(left).bit_length() + abs(right).bit_length())
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int):

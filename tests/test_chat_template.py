@@ -198,34 +198,44 @@ def test_bad_templates_name_the_file(source, message):
     assert str(e.value).startswith("x/tokenizer_config.json: ")
 
 
-@pytest.mark.parametrize("source", [
-    "{{ ''.__class__.__mro__ }}",                        # Python internals
-    "{{ cycler.__init__.__globals__ }}",
-    "{{ messages.__class__ }}",
-    "{{ messages.append(1) }}",                          # mutating what it was given
-    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",  # forever
-    "{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}",
-    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # recursion without end
-    "{% for i in range(99999) %}{% for j in range(99999) %}gigabytes {% endfor %}{% endfor %}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-    "{% set x %}{% for i in range(99999) %}{{ 'y' * 99999 }}{% endfor %}{% endset %}",  # unprinted
-    "{{ 'x' * 10**10 }}",
-    "{{ 2 ** 1000000 }}",
-    "{% set ns = namespace(x=3) %}{% for i in range(99) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
-    "{{ 'x' | center(10**10) }}",
-    "{{ 'x'.ljust(10**10) }}",
-    "{{ '%999999999d' % 1 }}",
-    "{{ '{:>9999999999}'.format(1) }}",
-    "{{ 'ab'.replace('', 'x' * 3000000) }}",
-    "{{ ('x' * 3000000).join(['a', 'b', 'c']) }}",
-    "{{ ['a', 'b', 'c'] | join('x' * 3000000) }}",
-    "{{ lipsum(10**6) }}",
+@pytest.mark.parametrize("source,why", [
+    ("{{ ''.__class__.__mro__ }}", "attribute '__class__' of a str is unsafe"),  # Python internals
+    ("{{ cycler.__init__.__globals__ }}", "attribute '__init__' of a type is unsafe"),
+    ("{{ messages.__class__ }}", "unsafe"),
+    ("{{ messages.append(1) }}", "attribute 'append' of a list is unsafe"),  # changing its input
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",  # forever
+     "more than 100000 loop iterations and calls"),
+    ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+     "more than 100000 loop iterations and calls"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}" + "gigabytes " * 10 + "{% endfor %}{% endfor %}",
+     "more than 4000000 characters of output"),
+    ("{% set x %}{% for i in range(99999) %}{{ 'y' * 99999 }}{% endfor %}{% endset %}",  # unprinted
+     "more than 4000000 characters of output"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a value of 4194304 "),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "a value of 4194304 "),
+    ("{{ 'x' * 10**10 }}", "a value of 10000000000 "),
+    ("{{ 2 ** 1000000 }}", "a number of 2000000 bits"),
+    ("{% set ns = namespace(x=3) %}{% for i in range(99) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+     "bits"),
+    ("{{ 'x' | center(10**10) }}", "the number 10000000000 "),
+    ("{{ 'x'.ljust(10**10) }}", "the number 10000000000 "),
+    ("{{ '%999999999d' % 1 }}", "a format string with a width"),
+    ("{{ '{:>9999999999}'.format(1) }}", "a format string with a width"),
+    ("{{ 'ab'.replace('', 'x' * 3000000) }}", "a value of 9000002 "),
+    ("{{ ('x' * 3000000).join(['a', 'b', 'c']) }}", "a value of 9000003 "),
+    ("{{ ['a', 'b', 'c'] | join('x' * 3000000) }}", "a value of 9000003 "),
+    ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),
 ])
-def test_hostile_templates_stop_with_a_clear_error(source, monkeypatch):
+def test_hostile_templates_stop_with_a_clear_error(source, why, monkeypatch):
     monkeypatch.setattr(chat_template, "MAX_STEPS", 100_000)  # stop sooner (tests stay fast)
-    with pytest.raises(ChatTemplateError, match="^x/tokenizer_config.json: the chat template (was stopped|failed)"):
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 60.0)   # the clock must not hide a guard
+    with pytest.raises(ChatTemplateError) as e:
         render(source)
+    assert re.match(r"x/tokenizer_config.json: the chat template (was stopped|failed)", str(e.value))
+    assert why in str(e.value)
 
 
 def test_the_clock_stops_a_slow_template(monkeypatch):
@@ -234,3 +244,39 @@ def test_the_clock_stops_a_slow_template(monkeypatch):
         render("{% for i in range(5000) %}{% endfor %}")
     monkeypatch.undo()
     assert render("{% for i in range(5000) %}{% endfor %}ok") == "ok"  # within every budget
+
+
+def test_built_in_template_is_said_once(smol):
+    import warnings
+    bare = without_template(smol)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        bare.chat([{"role": "user", "content": "a"}])
+        bare.chat([{"role": "user", "content": "b"}])
+    assert [str(w.message) for w in said] == [
+        f"{smol.config_path} has no chat_template; using the built-in chatml template of tokenizer.py"]
+
+
+def test_the_template_is_compiled_once(smol, monkeypatch):
+    """chat() runs for every prompt of a training run: it renders, it never parses again."""
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed the template again")
+    monkeypatch.setattr(chat_template.Sandbox, "parse", no_parsing)
+    monkeypatch.setattr(chat_template.Sandbox, "compile", no_parsing)
+    assert smol.chat([{"role": "user", "content": "Hi"}])[-1] == smol.encode("assistant\n")[-1]
+
+
+def test_the_mark_is_one_the_template_does_not_use():
+    t = ChatTemplate("\ue000{{ messages[0].content }}<|im_end|>", ["<|im_end|>"])
+    assert t.mark == "\ue001"
+    assert t.segments([{"content": "<|im_end|>\ue001\ue000"}]) == [
+        ("\ue000<|im_end|>\ue001\ue000", False), ("<|im_end|>", True)]
+
+
+def test_fold_system():
+    fold = chat_template.fold_system
+    assert fold([{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"},
+                 {"role": "user", "content": "U"}]) == \
+        [{"role": "assistant", "content": "A"}, {"role": "user", "content": "S\n\nU"}]
+    assert fold([{"role": "system", "content": "S"}]) == [{"role": "user", "content": "S"}]
+    assert fold([{"role": "user", "content": "U"}]) == [{"role": "user", "content": "U"}]
