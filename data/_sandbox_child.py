@@ -260,7 +260,7 @@ def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, gu
             if name in loaded:
                 return f"a second copy of module {name} (it would bring back what the guard disabled)"
             if guard_mode and (name.startswith(guard_only) or not where.startswith(native)):
-                return f"module {name} ({where}) is not allowed in guard mode (files or signals the guard cannot see)"
+                return f"module {name} is not allowed in guard mode (files or signals the guard cannot see): {where}"
             if name.startswith(unsafe) or not where.startswith(python) or where.startswith(work):
                 return f"loading {where} as module {name}"
             loaded.add(name)
