@@ -345,29 +345,44 @@ class ChatTemplate:
         finally:
             self.env.local.budget = None
 
-    def segments(self, messages, add_generation_prompt=True, **variables):
+    def segments(self, messages, add_generation_prompt=True, continue_final_message=False, **variables):
         """[(text, is_control_token), ...]: the rendered conversation, cut at the control tokens
-        that the template wrote (never at those typed in a message). Empty texts are left out."""
-        text = self.render_marked(messages, add_generation_prompt, **variables)
-        out, plain, start = [], [], 0
-        for t in self.in_output.finditer(text):
-            plain.append(text[start:t.start()])
-            if t.group(1) is None:  # MARK MARK -> MARK, MARK + text -> text, a lone MARK -> ''
-                plain.append(t.group()[1:])
-            else:
-                if "".join(plain):
-                    out.append(("".join(plain), False))
-                out.append((t.group(1), True))
-                plain = []
-            start = t.end()
-        plain.append(text[start:])
-        if "".join(plain):
-            out.append(("".join(plain), False))
-        return out
+        that the template wrote (never at those typed in a message). Empty texts are left out.
 
-    def render(self, messages, add_generation_prompt=True, **variables):
+        continue_final_message: the last message is the start of the assistant's answer (a
+        prefill), which the model continues: the rendering stops right after its text, with no
+        end of turn; as transformers does it (the rendering cut after the last place the
+        message's text occurs, stripped, when the template may have trimmed it)."""
+        text = self.render_marked(messages, add_generation_prompt and not continue_final_message,
+                                  **variables)
+        if continue_final_message:
+            text = self.cut_after(text, self.escape(messages[-1].get("content") if messages else None))
+        out, plain, start = [], "", 0
+        for t in self.in_output.finditer(text):
+            plain += text[start:t.start()]
+            if t.group(1) is None:  # MARK MARK -> MARK, MARK + text -> text, a lone MARK -> ''
+                plain += t.group()[1:]
+            else:
+                out += [(plain, False)] if plain else []
+                out.append((t.group(1), True))
+                plain = ""
+            start = t.end()
+        plain += text[start:]
+        return out + ([(plain, False)] if plain else [])
+
+    def cut_after(self, text, final):
+        if not isinstance(final, str) or not final.strip() or final.strip() not in text:
+            raise ChatTemplateError(f"{self.path}: cannot continue the final message: its text "
+                                    f"{str(final)[:60]!r} is not in what the chat template wrote")
+        at = text.rindex(final.strip())
+        if text[at:at + len(final.lstrip())] == final:  # the template kept the text as it was
+            return text[:at + len(final.lstrip())]
+        return text[:at + len(final.strip())]
+
+    def render(self, messages, add_generation_prompt=True, continue_final_message=False, **variables):
         """The rendered text, as Hugging Face's apply_chat_template(tokenize=False) gives it."""
-        return "".join(t for t, _ in self.segments(messages, add_generation_prompt, **variables))
+        return "".join(t for t, _ in self.segments(messages, add_generation_prompt,
+                                                   continue_final_message, **variables))
 
 
 def fold_system(messages):

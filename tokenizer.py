@@ -38,6 +38,7 @@ Four choices worth knowing:
 """
 
 import base64
+import functools
 import json
 import os
 import re
@@ -343,7 +344,8 @@ class Tokenizer:
         data = b"".join(self.id_to_bytes.get(int(i), b"") for i in ids)
         return data.decode("utf-8", errors="replace")
 
-    def chat(self, messages, add_generation_prompt=True, fold_system_message=False, **variables):
+    def chat(self, messages, add_generation_prompt=True, fold_system_message=False,
+             continue_final_message=False, **variables):
         """[{"role", "content"}, ...] -> ids, as the checkpoint's chat template renders them.
 
         Control tokens come only from the template: "<|im_end|>" typed in a message stays text
@@ -355,20 +357,41 @@ class Tokenizer:
         Mistral's v0.1 instruct template takes no system message ("Conversation roles must
         alternate ..."), which is what Hugging Face does too, so by default we refuse as well
         rather than change the prompt behind the user's back; `fold_system_message=True` puts the
-        system text in front of the first user message, as mistral-common does, for callers
-        (like our tasks, whose prompts start with a system message) that want that."""
+        system text in front of the first user message, as mistral-common does, and "auto" does so
+        only for a template that refuses a system message (for callers such as our tasks, whose
+        prompts start with one).
+
+        `continue_final_message=True`: the last message is a prefill of the assistant's answer
+        that the model continues: no end of turn after it, and its text encoded with what the
+        template writes before it, as one piece (as transformers does; for SentencePiece-style
+        tokenizers this differs from encoding it apart)."""
+        if fold_system_message == "auto":
+            fold_system_message = not self.takes_system_message
         if fold_system_message:
             messages = fold_system(messages)
         if self.template is None:
+            if continue_final_message:
+                return self.chat_by_hand(messages[:-1]) + self.encode(messages[-1]["content"])
             return self.chat_by_hand(messages, add_generation_prompt)
         ids, offset = [], 0
-        for text, control in self.template.segments(messages, add_generation_prompt, **variables):
+        for text, control in self.template.segments(messages, add_generation_prompt,
+                                                    continue_final_message, **variables):
             if control:
                 ids.append(self.special_tokens[text])
             else:  # SentencePiece-style tokenizers put "▁" before the text at offset 0 only
                 ids += self.encode(text, at_start=offset == 0)
             offset += len(text)
         return ids
+
+    @functools.cached_property
+    def takes_system_message(self):
+        """Whether the chat template accepts a conversation that starts with a system message."""
+        try:
+            if self.template is not None:
+                self.template.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+            return True
+        except ChatTemplateError:
+            return False
 
     @property
     def default_system(self):

@@ -280,3 +280,42 @@ def test_fold_system():
         [{"role": "assistant", "content": "A"}, {"role": "user", "content": "S\n\nU"}]
     assert fold([{"role": "system", "content": "S"}]) == [{"role": "user", "content": "S"}]
     assert fold([{"role": "user", "content": "U"}]) == [{"role": "user", "content": "U"}]
+
+
+# ------------------------------------------------------------------ prefills and system messages
+
+PREFILLED = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "Q?"},
+             {"role": "assistant", "content": "Let's think step by step"}]
+
+
+def test_continue_final_message_byte_level(smol):
+    """SmolLM2 and Llama 3: the same ids as the prompt then the prefill encoded apart (today's)."""
+    for tok in [smol] + [load("llama3")] * os.path.isdir(os.path.join(SHARED, "llama3")):
+        ids = tok.chat(PREFILLED, continue_final_message=True)
+        assert ids == tok.chat(PREFILLED[:-1]) + tok.encode(PREFILLED[-1]["content"])
+        assert tok.decode(ids).endswith("assistant<|end_header_id|>\n\nLet's think step by step"
+                                        if tok is not smol else "assistant\nLet's think step by step")
+
+
+def test_continue_final_message_as_transformers_does():
+    """Mistral: the prefill is one piece with the text before it (no "▁" of its own); Qwen3's
+    template writes its empty think block before the answer it continues."""
+    for folder in ("mistral-v0.1", "mistral-v0.1-metaspace"):
+        tok = load(folder)
+        ids = tok.chat(PREFILLED, fold_system_message=True, continue_final_message=True)
+        assert ids == [tok.bos_id, *tok.encode("[INST] Answer.\n\nQ? [/INST]Let's think step by step",
+                                               at_start=False)]
+    qwen = load("qwen3")
+    assert qwen.template.render(PREFILLED, continue_final_message=True).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nLet's think step by step")
+    with pytest.raises(ChatTemplateError, match="cannot continue the final message"):
+        ChatTemplate("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", []).render(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], continue_final_message=True)
+
+
+def test_fold_system_message_auto(smol):
+    mistral = load("mistral-v0.1")
+    messages = cases()["mistral-v0.1"]["chat"][1]["messages"]
+    assert not mistral.takes_system_message and smol.takes_system_message
+    assert mistral.chat(messages, fold_system_message="auto") == mistral.chat(messages, fold_system_message=True)
+    assert smol.chat(messages, fold_system_message="auto") == smol.chat(messages)  # kept as it is
