@@ -16,12 +16,14 @@ text, `{% generation %}` blocks, the special tokens as variables), with two diff
     jinja2's ImmutableSandboxedEnvironment, which refuses Python internals (`''.__class__`) and
     mutating methods, and within budgets that jinja's sandbox does not set: MAX_STEPS loop
     iterations and calls, MAX_SECONDS of wall clock, MAX_CHARS of text in any value or in all the
-    output together. They are checked where values grow (every loop iteration, call, filter,
-    arithmetic operator and `~`, and every piece of output, in macros and `set` blocks too), so a
-    template that loops forever or builds a gigabyte stops with an error before it gets there.
-    What is not bounded: time inside one builtin operation on values within MAX_CHARS (a regular
-    expression does not exist in jinja; the slowest builtins are linear or quadratic in their
-    inputs, e.g. `'x'.replace(...)` whose size we check before calling).
+    output together, MAX_BITS in a number. They are checked where time is spent or values grow:
+    every loop iteration and call (macros included), the operators that build (+ * % **) and `~`,
+    every filter, every piece of output (in macros and `set` blocks too), and the arguments of the
+    builtins that can build a large value in one step (a huge number, a huge format width, a
+    `replace` or `join` whose result would pass MAX_CHARS). So a template that loops forever or
+    builds a gigabyte stops with an error before it gets there. Not bounded: the time of one
+    builtin operation on values within those sizes (they are at worst quadratic in MAX_CHARS).
+    The caller's own `variables` (e.g. date_string) are not marked: they are the program's input.
 
 Every error is a ChatTemplateError naming the tokenizer_config.json it came from.
 """

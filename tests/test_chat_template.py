@@ -208,7 +208,8 @@ def test_bad_templates_name_the_file(source, message):
     ("{% macro f(n) %}{% if n %}{{ f(n-1) }}{{ f(n-1) }}{% endif %}{% endmacro %}{{ f(60) }}",
      "more than 100000 loop iterations and calls"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
-    ("{% for i in range(99999) %}{% for j in range(99999) %}" + "gigabytes " * 10 + "{% endfor %}{% endfor %}",
+    ("{% for i in range(99999) %}{% for j in range(99999) %}" + "gigabytes " * 10
+     + "{% endfor %}{% endfor %}",
      "more than 4000000 characters of output"),
     ("{% set x %}{% for i in range(99999) %}{{ 'y' * 99999 }}{% endfor %}{% endset %}",  # unprinted
      "more than 4000000 characters of output"),
@@ -310,12 +311,14 @@ def test_continue_final_message_as_transformers_does():
         "<|im_start|>assistant\n<think>\n\n</think>\n\nLet's think step by step")
     with pytest.raises(ChatTemplateError, match="cannot continue the final message"):
         ChatTemplate("{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}", []).render(
-            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], continue_final_message=True)
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            continue_final_message=True)
 
 
 def test_fold_system_message_auto(smol):
     mistral = load("mistral-v0.1")
     messages = cases()["mistral-v0.1"]["chat"][1]["messages"]
     assert not mistral.takes_system_message and smol.takes_system_message
-    assert mistral.chat(messages, fold_system_message="auto") == mistral.chat(messages, fold_system_message=True)
+    assert mistral.chat(messages, fold_system_message="auto") == \
+        mistral.chat(messages, fold_system_message=True)
     assert smol.chat(messages, fold_system_message="auto") == smol.chat(messages)  # kept as it is
