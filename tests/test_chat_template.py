@@ -162,6 +162,7 @@ def test_helpers_transformers_provides():
     fixed = ChatTemplate('{{ strftime_now("%d %b %Y") }}', [], now=lambda: datetime.datetime(2024, 7, 26))
     assert fixed.render([]) == "26 Jul 2024"
     assert render('{{ strftime_now("%Y") }}') == str(datetime.datetime.now().year)
+    assert render("{% if strftime_now is defined and date_string is not defined %}ok{% endif %}") == "ok"
     # tojson keeps non-ASCII and HTML characters as they are (jinja's own escapes them)
     assert render("{{ messages[0] | tojson }}", [{"role": "user", "content": "é <b>"}]) == \
         '{"role": "user", "content": "é <b>"}'
