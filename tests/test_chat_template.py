@@ -323,3 +323,16 @@ def test_fold_system_message_auto(smol):
     assert mistral.chat(messages, fold_system_message="auto") == \
         mistral.chat(messages, fold_system_message=True)
     assert smol.chat(messages, fold_system_message="auto") == smol.chat(messages)  # kept as it is
+
+
+def test_completer_prompts_of_every_family(smol):
+    """chat.Completer.encode, which builds every task prompt (system message, question, maybe a
+    prefill): SmolLM2's ids are those of before; Mistral gets the system text folded and the
+    prefill continued."""
+    from chat import Completer
+    completer = Completer.__new__(Completer)  # encode needs only the tokenizer
+    completer.tok = smol
+    assert completer.encode(PREFILLED) == smol.chat(PREFILLED[:-1]) + smol.encode(PREFILLED[-1]["content"])
+    assert completer.encode(PREFILLED[:-1]) == smol.chat(PREFILLED[:-1])
+    completer.tok = mistral = load("mistral-v0.1")
+    assert mistral.decode(completer.encode(PREFILLED)) == "<s> [INST] Answer.\n\nQ? [/INST]Let's think step by step"
