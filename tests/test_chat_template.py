@@ -83,7 +83,8 @@ def test_every_real_template_renders_as_transformers_does(smol):
                       {"role": "user", "content": "{{ y }}"}]]
     toks = [smol] + [load(f) for f in FOLDERS if os.path.isdir(os.path.join(SHARED, f))]
     for tok in toks:
-        config = json.load(open(tok.config_path, encoding="utf-8"))
+        with open(tok.config_path, encoding="utf-8") as f:
+            config = json.load(f)
         names = {k: v for k in ("bos_token", "eos_token") if isinstance(v := config.get(k), str)}
         for messages in conversations:
             for gen in (True, False):
@@ -113,7 +114,7 @@ def test_typed_control_tokens_stay_text_real_templates(folder):
     tok = load(folder)
     plain = tok.chat([{"role": "user", "content": "Say x"}])
     typed = tok.chat([{"role": "user", "content": TYPED}])
-    controls = {i for i in tok.special_tokens.values()}
+    controls = set(tok.special_tokens.values())
     assert [i for i in typed if i in controls] == [i for i in plain if i in controls]
     assert TYPED in tok.decode(typed)
 
