@@ -801,3 +801,40 @@ def test_the_seccomp_filter_denies_tracing_and_nothing_else(machine):
     if machine == "x86_64":
         assert run_filter(program, arch, 0x40000000 | 101) == eperm            # x32's
     assert _seccomp.filter_program("sparc") is None
+
+
+# A harness that is not root (CI's is): bwrap mode's first stage then runs in a user namespace of its
+# own, and bwrap maps the harness's user back. Run here as SANDBOX_UID, with an interpreter it can run.
+NOT_ROOT = """import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from data.sandbox import Limits, run_program
+probe = '''import ctypes, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+print(json.dumps([os.getuid(), os.listdir("/tmp"), os.statvfs(".").f_files, libc.ptrace(0x4206, 1, 0, 0),
+                  libc.mount(b"t2", b"/tmp/work", b"tmpfs", 0, None), os.path.exists(sys_argv_1)]))'''
+facts = {}
+for mode in ("bwrap", "namespaces"):
+    result = run_program(probe.replace("sys_argv_1", repr(sys.argv[2])), Limits(timeout_s=10, files=9), mode=mode,
+                         guard=False)
+    facts[mode] = json.loads(result.stdout) if result.passed else result.stderr
+print(json.dumps([os.getuid(), facts]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
+                    reason="needs root, to become another user")
+def test_a_harness_that_is_not_root_gets_the_same(tmp_path):
+    python = sys.executable if not sandbox.hidden_paths() else "/usr/bin/python3"   # one that others may run
+    become = ["setpriv", f"--reuid={sandbox.SANDBOX_UID}", f"--regid={sandbox.SANDBOX_UID}", "--clear-groups", "--"]
+    if subprocess.run([*become, python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import data.sandbox", ROOT],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"{sandbox.SANDBOX_UID} cannot run {python} or import {ROOT}/data")
+    secret = tmp_path / "secret"                          # the harness's: under a folder closed to others
+    secret.write_text("x")
+    out = subprocess.run([*become, python, "-c", NOT_ROOT, ROOT, str(secret)], capture_output=True, text=True,
+                         timeout=60)
+    uid, facts = json.loads(out.stdout)
+    refused = -1                 # (namespaces: the harness's user is root in the namespace, with no capability)
+    assert uid == sandbox.SANDBOX_UID and facts == {"bwrap": [uid, ["work"], 10, refused, refused, False],
+                                                    "namespaces": [0, ["work"], 10, refused, refused, False]}, \
+        (facts, out.stderr)
