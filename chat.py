@@ -98,8 +98,50 @@ _libc = None
 
 
 def peak_rss_gib():
-    """This process's peak resident memory so far, in GiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory so far, in GiB (Linux reports KiB). ru_maxrss is the
+    kernel's high-water mark, which reset_peak_rss resets too: the peaks before a reset are kept here."""
+    return max(_peak_before_reset, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+_peak_before_reset = 0.0
+
+
+# peak_rss_gib is a high-water mark: a step longer than any before raises it with no leak at all, so
+# growth and peaks cannot be told apart by it. Two more readings tell them apart (issue 38): the
+# resident memory now, after a step's release, and the step's own peak.
+
+def rss_gib():
+    """This process's resident memory now, in GiB (/proc/self/statm); None where there is no /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reset_peak_rss():
+    """Starts a new high-water mark, so that peak_rss_since_reset_gib reads the peak of what follows
+    (one step): on Linux, "5" written to /proc/self/clear_refs resets VmHWM (and ru_maxrss with it:
+    the process's peak so far is kept for peak_rss_gib first). Returns whether it could."""
+    global _peak_before_reset
+    _peak_before_reset = peak_rss_gib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_gib():
+    """The peak resident memory since reset_peak_rss, in GiB (VmHWM of /proc/self/status); where
+    that cannot be read or reset, the process's peak so far (peak_rss_gib)."""
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2**20  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        return peak_rss_gib()
 
 
 def add_model_arguments(ap, batch_size=16, batch_help="prompts generated together"):

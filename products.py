@@ -8,10 +8,21 @@ matters more than in prefill or training. `matvec` picks the form measured faste
 model.py's decode path calls them; forward, the plain reference, does not.
 """
 
+import os
 import platform
 
-import torch
-import torch.nn.functional as F
+# torch's oneDNN products keep what they built for every shape they have run (ideep's cache,
+# LRU_CACHE_CAPACITY, and oneDNN's own primitive cache), up to 1024 shapes each by default, about
+# 0.5 MiB a shape (tests/test_dtype_memory.py): decoding meets new shapes at each batch's key length and row count, training at
+# each micro-batch's token count, so the caches filled over a run's first steps and the memory after
+# a step grew by 0.25 GiB before it stopped (RESULTS.md, "Memory and dtype on any laptop"). 128
+# shapes hold all that one decoding step or one micro-batch reuses across its layers. Both are read
+# on first use, so they are set here, before any product runs; a value in the environment wins.
+for _variable in ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, "128")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def matvec(linear, x):

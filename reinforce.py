@@ -76,7 +76,8 @@ import run_state
 import svf
 from data import evaluate, get_task
 from data.evaluate import paired_difference
-from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load, peak_rss_gib, release_freed_memory
+from chat import (MAX_NEW_TOKENS, Completer, add_model_arguments, load, peak_rss_gib, peak_rss_since_reset_gib,
+                  release_freed_memory, reset_peak_rss, rss_gib)
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
 from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, batch_indices,  # noqa: F401
                      default_names, expert_path, recipe, step_batch)
@@ -280,6 +281,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             save_state()
         while step < cfg.steps:
             t_step = time.perf_counter()
+            reset_peak_rss()  # the step's own peak, apart from the run's (chat.py says why)
             batch = step_batch(task, train_set, step, cfg)  # the whole batch, alike on every process
             opt.zero_grad(set_to_none=True)
             if distributed.world_size() > 1:  # each process its own stream, a pure function of the step
@@ -302,14 +304,16 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
             opt.step()
             release_freed_memory()  # the backward's activations: the next rollouts start from the live set
             step += 1
-            # the process's peak RSS so far: where in a run the memory grows (RESULTS.md, "the official batch")
-            peak_gib = peak_rss_gib()
-            row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm, "peak_rss_gib": peak_gib}
+            # memory: resident now (after the release: what the next step starts from, flat unless
+            # something grows), this step's peak, the run's peak so far (RESULTS.md, issue 38)
+            peak_gib, mem = peak_rss_gib(), {"rss_gib": rss_gib(), "step_peak_rss_gib": peak_rss_since_reset_gib()}
+            row = {"kind": "step", "step": step, **row, "grad_norm": grad_norm, **mem, "peak_rss_gib": peak_gib}
             log(row)
             cos = "n/a" if row["grad_cos"] is None else f"{row['grad_cos']:+.3f}"
             times = " ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in row.items() if k.endswith("_s"))
             print(f"step {step:4d}/{cfg.steps} | {shown} | |g| {grad_norm:.2e} | cos(halves) {cos} | {times}"
-                  f" | peak {peak_gib:.2f} GiB", flush=True)
+                  + (f" | rss {mem['rss_gib']:.2f} GiB, step peak {mem['step_peak_rss_gib']:.2f}" if mem["rss_gib"] else "")
+                  + f" | peak {peak_gib:.2f} GiB", flush=True)
             timing["steps_done"] += 1
             if timing["steps_done"] == 1 and step < cfg.steps:  # how long the rest takes at this step's pace
                 print(pace(step, cfg, time.perf_counter() - t_step, timing["validation_s"],

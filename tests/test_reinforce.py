@@ -125,6 +125,9 @@ def test_a_run_resumed_at_step_0_validates_step_0_once(setup, tmp_path, monkeypa
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2]
     peaks = [r["peak_rss_gib"] for r in rows if r["kind"] == "step"]  # the process's peak so far: never falls
     assert 0 < peaks[0] <= peaks[1] < 64
+    for r in rows[1:]:  # resident now <= the step's own peak <= the process's (issue 38); GiB, Linux only
+        if r["kind"] == "step" and r["rss_gib"] is not None:
+            assert 0 < r["rss_gib"] <= r["step_peak_rss_gib"] + 1e-3 and r["step_peak_rss_gib"] <= r["peak_rss_gib"] + 1e-3
 
 
 def test_resume_refuses_different_flags(setup, tmp_path):
