@@ -31,9 +31,9 @@ What the kernel holds in both namespace modes, whatever the program does in Pyth
   the program lacks, and the kernel refuses).
 A root harness's interpreter may live where "nobody" cannot go (pyenv under /root): then a first,
 root-owned mount namespace covers each such directory with a tmpfs holding only the interpreter's
-directories (hidden_paths(), view()), and drops to SANDBOX_UID with setpriv before the namespaces.
-In bwrap mode that first stage (in a user namespace of its own where the harness is not root) also
-mounts the working directory's tmpfs: bwrap's options cannot bound its number of files.
+directories (hidden_paths()), and drops to SANDBOX_UID with setpriv before the namespaces. In bwrap
+mode that first stage (in a user namespace of its own where the harness is not root) also mounts the
+working directory's tmpfs: bwrap's options cannot bound its number of files (_first_stage.py).
 
 What holds where, by class of attack, and what guard mode leaves open: data/README.md's table.
 
@@ -50,7 +50,6 @@ run_many launches processes from threads.
 
 import functools
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -62,11 +61,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+from ._first_stage import SANDBOX_UID, first_stage, hidden_paths, located, private, userns_mounts
 from ._seccomp import filter_program
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_child.py")
 MODES = ("bwrap", "namespaces", "guard")
-SANDBOX_UID = 65534             # "nobody": whom a root harness runs programs as, in the namespace modes
 TOKEN_BYTES = 32                # the length of the child's token (hex)
 
 
@@ -120,90 +119,27 @@ SETPRIV = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--cle
 
 
 def command(mode, limits, work_dir, signal_fd, guard=True, seccomp_fd=None):
-    """The command line that runs the child in `mode`, after writing the first stage's mounts, if any
-    (first_stage()), to job_dir/fstab: `mount --all --fstab` makes them all, in order, in one process."""
+    """The command line that runs the child in `mode`: the first stage, if any (_first_stage.py), then
+    setpriv (a root harness), then bwrap or unshare, then the child."""
     child = [sys.executable, "-I", "-B", CHILD, mode, "guard" if guard else "unguarded", str(signal_fd),
              *(f"{key}={value}" for key, value in asdict(limits).items() if key != "timeout_s")]
     if mode == "guard":
         return child
     root = os.geteuid() == 0
+    staged = mode == "bwrap" and (root or userns_mounts())          # the first stage mounts the working directory
     if mode == "namespaces":
-        inner = [*UNSHARE, *child]
+        inner = UNSHARE
     else:
         seccomp = ["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []
-        # (not root: the first stage maps the harness's user to root; bwrap maps it back, with no capability)
-        inner = [*BWRAP, *([] if root else ["--uid", str(os.getuid()), "--gid", str(os.getgid()), "--cap-drop", "ALL"]),
-                 "--bind", "/tmp", WORK, "--chdir", WORK, *seccomp, "--", *child]
-    mounts = first_stage(mode, limits, os.path.dirname(work_dir), root)
-    first = []
-    if mounts:
-        fstab = os.path.join(os.path.dirname(work_dir), "fstab")
-        with open(fstab, "w", encoding="utf-8", opener=_private) as f:
-            f.write("".join(" ".join(map(_fstab_field, fields)) + " 0 0\n" for fields in mounts))
-        first = ["unshare", *([] if root else ["--user", "--map-root-user"]), "--mount", "--propagation", "private",
-                 "--", "/bin/sh", "-c", f'mount --all --fstab {shlex.quote(fstab)} && exec "$@"', "sh"]
-    return _located([*first, *(SETPRIV if root else []), *inner])
-
-
-def first_stage(mode, limits, job_dir, root):
-    """The mounts (fstab fields: what, where, type, options) of a first stage, in a mount namespace
-    of its own, before the sandbox's namespaces: for a root harness, view(); in bwrap mode, the working
-    directory's tmpfs, which bwrap binds on WORK (its options cannot bound a tmpfs's number of files),
-    made in a user namespace of its own where the harness is not root. Neither the host nor another
-    job ever sees these mounts. The tmpfs: at most disk_mb MB and `files` files and directories (the
-    kernel counts inodes, however they are made: sqlite3, native code), noexec, on /tmp (covered by
-    bwrap's own /tmp)."""
-    mounts = view(job_dir) if root else []
-    if mode == "bwrap":
-        owner = f",uid={SANDBOX_UID},gid={SANDBOX_UID}" if root else ""
-        mounts.append(("t2-sandbox", "/tmp", "tmpfs", f"size={limits.disk_mb}m,nr_inodes={limits.files + 1},"
-                                                      f"mode=700,nosuid,nodev,noexec{owner}"))
-    return mounts
-
-
-def _fstab_field(text):
-    return text.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011").replace("\n", "\\012")
-
-
-def _located(args):
-    """The tools by their full paths: the child's PATH (scrubbed_env) may not hold them."""
-    return [(shutil.which(a) or a) if a in ("bwrap", "unshare", "setpriv") else a for a in args]
-
-
-def searchable(path, uid=SANDBOX_UID, gid=SANDBOX_UID):
-    """Whether `uid` (in group `gid` only) may enter the directory `path`, by its mode bits."""
-    st = os.stat(path)
-    return bool(st.st_mode & (0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001))
-
-
-@functools.lru_cache(maxsize=None)
-def hidden_paths():
-    """{directory SANDBOX_UID cannot enter: [the interpreter's directories below it]}: what a root
-    harness must show the sandbox's user, e.g. {"/root": ["/root/.pyenv/versions/3.11.7"]}."""
-    needed = {os.path.realpath(p) for p in [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
-                                            os.path.dirname(CHILD), os.path.dirname(os.path.realpath(sys.executable)),
-                                            *sys.path] if p and os.path.isdir(p)}
-    hidden = {}
-    for path in sorted(needed):
-        parts = path.split("/")
-        blocked = next((d for d in ("/".join(parts[:i]) for i in range(2, len(parts))) if not searchable(d)), None)
-        if blocked is not None:                      # (a needed directory closed itself cannot be helped)
-            hidden.setdefault(blocked, []).append(path)
-    return {d: [p for p in ps if not any(p.startswith(q + "/") for q in ps)] for d, ps in hidden.items()}
-
-
-def view(job_dir):
-    """The root-owned first stage's mounts that make hidden_paths() visible to SANDBOX_UID: each
-    hidden directory covered with a tmpfs that holds only the interpreter's directories, bound
-    read-only (each bound aside into job_dir first, then back; X-mount.mkdir makes the way)."""
-    mounts, staged = [], 0
-    for covered, paths in hidden_paths().items():
-        aside = [f"{job_dir}/view{staged + i}" for i in range(len(paths))]
-        mounts += [(path, there, "none", "bind,X-mount.mkdir") for path, there in zip(paths, aside)]
-        mounts.append(("t2-view", covered, "tmpfs", "mode=755"))
-        mounts += [(there, path, "none", "bind,ro,X-mount.mkdir") for path, there in zip(paths, aside)]
-        staged += len(paths)
-    return mounts
+        if not staged:                           # bwrap's own tmpfs: bounded in bytes, not in files
+            work = ["--size", str(limits.disk_mb * 2**20), "--tmpfs", WORK]
+        elif root:
+            work = ["--bind", "/tmp", WORK]
+        else:   # the first stage maps the harness's user to root; bwrap maps it back, with no capability
+            work = ["--uid", str(os.getuid()), "--gid", str(os.getgid()), "--cap-drop", "ALL", "--bind", "/tmp", WORK]
+        inner = [*BWRAP, *work, "--chdir", WORK, *seccomp, "--"]
+    first = first_stage(limits, os.path.dirname(work_dir), root, staged)
+    return [*located([*first, *(SETPRIV if root else []), *inner]), *child]   # (the child's "bwrap" is its mode)
 
 
 # ----------------------------------------------------------------------------- running
@@ -223,10 +159,6 @@ def _read(path):
     # at most limits.output_kb: a larger write was refused by RLIMIT_FSIZE
     with open(path, "rb") as f:
         return f.read().decode("utf-8", errors="replace")
-
-
-def _private(path, flags):
-    return os.open(path, flags, 0o600)           # the job's files: the harness's user's alone
 
 
 def _seccomp_pipe():
@@ -269,14 +201,14 @@ def run_program(source, limits=Limits(), keep=4000, mode=None, guard=True):
         work_dir = os.path.join(job_dir, "work")
         os.mkdir(work_dir)
         program, out_path, err_path = (os.path.join(job_dir, name) for name in ("program.py", "stdout", "stderr"))
-        with open(program, "w", encoding="utf-8", opener=_private) as f:
+        with open(program, "w", encoding="utf-8", opener=private) as f:
             f.write(source)
         read_end, write_end = os.pipe()
         if mode == "bwrap":
             seccomp_fd = _seccomp_pipe()
         start = time.perf_counter()
-        with open(program, "rb") as stdin, open(out_path, "wb", opener=_private) as out, \
-                open(err_path, "wb", opener=_private) as err:
+        with open(program, "rb") as stdin, open(out_path, "wb", opener=private) as out, \
+                open(err_path, "wb", opener=private) as err:
             try:
                 proc = subprocess.Popen(command(mode, limits, work_dir, write_end, guard, seccomp_fd),
                                         cwd=work_dir if mode == "guard" else "/", stdin=stdin, stdout=out, stderr=err,

@@ -838,3 +838,24 @@ def test_a_harness_that_is_not_root_gets_the_same(tmp_path):
     assert uid == sandbox.SANDBOX_UID and facts == {"bwrap": [uid, ["work"], 10, refused, refused, False],
                                                     "namespaces": [0, ["work"], 10, refused, refused, False]}, \
         (facts, out.stderr)
+
+
+@pytest.mark.parametrize("userns", [True, False])
+def test_bwrap_mode_for_a_harness_that_is_not_root(tmp_path, monkeypatch, userns):
+    """Its first stage mounts the capped tmpfs in a user namespace of its own; where it may not make one
+    (userns_mounts() False: Ubuntu 24.04's AppArmor), bwrap's own tmpfs is used, bounded in bytes only."""
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sandbox, "userns_mounts", lambda: userns)
+    os.mkdir(tmp_path / "work")
+    argv = sandbox.command("bwrap", Limits(files=9, disk_mb=5), str(tmp_path / "work"), 5, seccomp_fd=7)
+    tools = [os.path.basename(a) for a in argv if a.startswith("/") and os.path.basename(a) in ("unshare", "setpriv",
+                                                                                                "bwrap")]
+    assert argv[argv.index("--seccomp") + 1] == "7" and "setpriv" not in tools
+    if userns:
+        assert tools == ["unshare", "bwrap"] and argv[1:3] == ["--user", "--map-root-user"]
+        assert (tmp_path / "fstab").read_text() == \
+            "t2-sandbox /tmp tmpfs size=5m,nr_inodes=10,mode=700,nosuid,nodev,noexec 0 0\n"
+        assert argv[argv.index("--bind") + 1:][:2] == ["/tmp", sandbox.WORK] and "--cap-drop" in argv
+    else:
+        assert tools == ["bwrap"] and not (tmp_path / "fstab").exists()
+        assert argv[argv.index("--size") + 1:][:3] == [str(5 * 2**20), "--tmpfs", sandbox.WORK]
