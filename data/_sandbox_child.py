@@ -54,6 +54,7 @@ What a program written to deceive the harness can still do:
   are good tests. The RL reward is only as trustworthy as both.
 """
 
+import fcntl
 import itertools
 import os
 import resource
@@ -143,8 +144,10 @@ UNSAFE_MODULES = ("_ctypes", "_test", "_xx", "_interp", "_lsprof")   # native ac
 # F_SETSIG, O_ASYNC), which never call kill(); and sockets but a local pair's (AF_UNIX): listen() binds
 # an unbound socket itself, and a netlink socket needs no connect or bind to read the host's network.
 GUARD_MODE_MODULES = ("_sqlite3", "_dbm", "_gdbm", "_posixshmem", "_multiprocessing", "readline", "syslog")
-SIGNALING_FCNTL = frozenset([8, 15, 10])         # F_SETOWN, F_SETOWN_EX, F_SETSIG
-O_ASYNC, F_SETFL, AF_UNIX = 0o20000, 4, 1
+# F_SETOWN, F_SETSIG and Linux's F_SETOWN_EX (15; not in the fcntl module), by this platform's numbers
+SIGNALING_FCNTL = frozenset({fcntl.F_SETOWN, getattr(fcntl, "F_SETSIG", fcntl.F_SETOWN),
+                             15 if sys.platform.startswith("linux") else fcntl.F_SETOWN})
+O_ASYNC, F_SETFL, AF_UNIX = os.O_ASYNC, fcntl.F_SETFL, 1
 
 
 def install_audit_hook(work_dir, max_files, main_frame, done_line, signal_fd, guard=True, guard_mode=False):
