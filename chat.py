@@ -52,9 +52,10 @@ class Completer:
         self.generator = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
 
     def encode(self, messages):
-        if messages[-1]["role"] == "assistant":  # continue the prefill: no end-of-turn after it
-            return self.tok.chat(messages[:-1]) + self.tok.encode(messages[-1]["content"])
-        return self.tok.chat(messages)
+        # A final assistant message is a prefill: continued, no end of turn after it. A template that
+        # takes no system message (Mistral v0.1) gets the task's system text in the first user turn.
+        return self.tok.chat(messages, fold_system_message="auto",
+                             continue_final_message=messages[-1]["role"] == "assistant")
 
     def generate_ids(self, prompts, samples=1, keep_stop=False):
         """prompts: list of token lists -> list of generated token lists (stop token excluded unless
