@@ -288,7 +288,8 @@ def _spy_writes(d):
 
     def note(path):
         path = os.path.abspath(os.fspath(path))
-        if path != os.devnull and not path.startswith(cache) and not path.endswith(".tmp"):
+        # /proc/self: the kernel's interface (chat.reset_peak_rss), each rank its own process, no file
+        if path != os.devnull and not path.startswith((cache, "/proc/self/")) and not path.endswith(".tmp"):
             with real_open(log, "a") as f:
                 f.write(path + "\n")
 
