@@ -1,6 +1,6 @@
 """Memory per GPU of SVF training with REINFORCE, on paper: which models fit data parallel, which need FSDP.
 
-    python -m benchmarks.memory_plan                       # the README's table ("Scaling on paper")
+    python -m benchmarks.memory_plan                       # the table of docs/several-gpus.md ("Scaling on paper")
     python -m benchmarks.memory_plan --tokens 2048 --gen-batch 16 --micro-batch 4
 
 The official batch: 256 rollouts a step, one sample per prompt, greedy, weights and factors in

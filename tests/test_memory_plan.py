@@ -27,7 +27,7 @@ def test_the_smollm2_row_is_what_svf_reports(default_model):
         assert need == memory_plan.factor_bytes(d, size)
         ratio = float(re.search(r"\(([\d.]+)x the weights", lines[0]).group(1))
         assert ratio == round(memory_plan.factor_bytes(d, size) / memory_plan.mlp_bytes(d, size), 2)
-    assert ratio == 1.38  # the README's line; 1 + H / I = 1.375, plus sigma
+    assert ratio == 1.38  # docs/several-gpus.md's line; 1 + H / I = 1.375, plus sigma
 
 
 def saved_bytes(cfg, layers, dtype, B=2, T=16):
