@@ -66,6 +66,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def windows(self):
+        """The distinct windows of the layers (None: whole context), one attention mask each."""
+        return {self.window(i) for i in range(self.num_hidden_layers)}
+
     @classmethod
     def from_hf(cls, cfg: dict, source="config.json"):
         """Reads a Hugging Face config.json dict; refuses what this file does not implement."""
@@ -358,9 +362,8 @@ class Transformer(nn.Module):
         contiguous, as the ones of a cache are.
         """
         S = past + T
-        windows = {self.config.window(i) for i in range(self.config.num_hidden_layers)}
         masks = {}
-        for window in windows:
+        for window in self.config.windows():
             needed = not bool(key_mask.all()) or (past > 0 and T > 1) or (window is not None and S > window)
             if not needed:
                 masks[window] = None
@@ -393,7 +396,7 @@ class Transformer(nn.Module):
         mask = cache.key_mask[:, None, None, :n]  # (B, 1, 1, n): True at the columns of real tokens
         # in a sliding window W, the new token (column S - 1) sees the columns from S - W on
         masks = {w: mask if w is None or S <= w else mask & (torch.arange(n, device=mask.device) >= S - w)
-                 for w in {self.config.window(i) for i in range(self.config.num_hidden_layers)}}
+                 for w in self.config.windows()}
         x = self.model.embed_tokens(tokens)  # (B, C)
         for i, layer in enumerate(self.model.layers):
             x = layer.decode(x, cos, sin, masks[self.config.window(i)], cache, i)
