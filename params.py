@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 
-from model import TARGETS
+from model_config import TARGETS
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False)
@@ -73,7 +73,7 @@ def per_matrix(method, m, n, k=None):
 
 
 def count(cfg, method, targets=None, k=None):
-    """Trainable parameters of `method` on the `targets` matrices (model.TARGETS) of every layer;
+    """Trainable parameters of `method` on the `targets` matrices (model_config.TARGETS) of every layer;
     k: the rank (lora, lora-xs) or the rank fraction (svd-ft). method "full": every weight."""
     layers, shapes = cfg["num_hidden_layers"], matrix_shapes(cfg)
     if method == "full":

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 import products
 import safetensors_io
-from model import TARGETS  # the sets of a layer's matrices an expert adapts: "mlp", "attn", "qv", "all"
+from model_config import TARGETS  # the sets of a layer's matrices an expert adapts: "mlp", "attn", "qv", "all"
 from svd_cache import checkpoint_identity, load_or_decompose, same_checkpoint  # W = U diag(sigma) Vh, cached
 
 EXPERT_FORMAT = "transformer2-svf-expert/1"
