@@ -27,6 +27,7 @@ import safetensors_io
 from model_config import SUPPORTED, TARGETS, ModelConfig, sliding_window_of  # noqa: F401 (model.ModelConfig etc.)
 from products import attend, attends_whole_cache, matvec  # decoding's products, in the forms the CPU runs fastest
 
+
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nn.Module):
