@@ -313,7 +313,7 @@ def load_state_dict(path):
     """Reads model.safetensors or a sharded model.safetensors.index.json from a checkpoint dir."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
+        with safetensors_io.open_regular(index, ValueError, "safetensors index (JSON)") as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
@@ -334,7 +334,8 @@ def load_model(path=None, dtype=torch.float32, device="cpu"):
     """
     import checkpoints  # the default checkpoint lives there; imported late to keep model.py standalone
     path = checkpoints.resolve_model(path)
-    with open(os.path.join(path, "config.json")) as f:
+    # open_regular: a FIFO or a device named config.json is refused before open() could wait on it
+    with safetensors_io.open_regular(os.path.join(path, "config.json"), ValueError, "model config (JSON)") as f:
         config = ModelConfig.from_hf(json.load(f), source=os.path.join(path, "config.json"))
     with torch.device("meta"):
         model = Transformer(config)

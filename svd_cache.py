@@ -10,6 +10,7 @@ trained on another checkpoint.
 import hashlib
 import json
 import os
+import stat
 import time
 
 import torch
@@ -30,6 +31,8 @@ def file_digest(path):
     directory under its path, size and modification time, and computed again when any of them
     changes: the time only decides when to hash again, the digest is of the contents alone."""
     st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would make open() wait forever
+        raise ValueError(f"{path} is not a regular file; expected a checkpoint file")
     if st.st_size < MEMO_BYTES:
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -65,7 +68,7 @@ def checkpoint_identity(model_dir):
     people; only the digest is compared (same_checkpoint).
     """
     h = hashlib.sha256()
-    with open(os.path.join(model_dir, "config.json"), "rb") as f:
+    with safetensors_io.open_regular(os.path.join(model_dir, "config.json"), ValueError, "model config (JSON)") as f:
         h.update(f.read())
     files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     if not files:

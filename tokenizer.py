@@ -47,6 +47,8 @@ import warnings
 
 import tiktoken
 
+from safetensors_io import open_regular  # refuses a FIFO or device before open() could hang on it
+
 from chat_template import ChatTemplate, ChatTemplateError, fold_system  # noqa: F401 (re-exported)
 from spm_bpe import SentencePieceBPE, SentencePieceError
 
@@ -177,7 +179,7 @@ def ranks_from_tokenizer_json(tj, special, where="tokenizer.json"):
 
 def read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, TokenizerError, "tokenizer file (JSON)") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e}); is the download complete?") from None
@@ -205,7 +207,7 @@ def byte_level_normalizer(tj, where):
 def load_tiktoken_ranks(path):
     """Meta's tokenizer.model: one `base64(token bytes) rank` per line."""
     ranks = {}
-    with open(path, "rb") as f:
+    with open_regular(path, TokenizerError, "tokenizer.model (base64 rank lines)") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -25,6 +25,7 @@ both against the records of a run saved by `evaluate_model.py --out` or `adapt.p
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -88,8 +89,7 @@ class Result:
     @classmethod
     def load(cls, path):
         """A Result written by `save`. Extracted and gold answers come back as JSON gives them."""
-        with open(path) as f:
-            d = json.load(f)
+        d = read_result_json(path)
         return cls(d["task"], d["split"], d["prompt"], [Record(**r) for r in d["records"]], d["wall_s"],
                    d.get("settings", {}))
 
@@ -204,11 +204,19 @@ def exact_sign_test(a, b):
     return wins, losses, p
 
 
+def read_result_json(path):
+    """A result file (Result.save, adapt.py --out); a FIFO or a device is refused before open() could wait on it."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file; expected a result JSON written by evaluate_model.py "
+                         f"or adapt.py --out")
+    with open(path) as f:
+        return json.load(f)
+
+
 def compare_line(path, b, z=Z95):
     """The line `--compare PATH` prints: b against the records saved at `path` (evaluate_model.py or
     adapt.py --out), paired by id, with the normal interval and the exact test."""
-    with open(path) as f:
-        a = SimpleNamespace(records=[SimpleNamespace(**r) for r in json.load(f)["records"]])
+    a = SimpleNamespace(records=[SimpleNamespace(**r) for r in read_result_json(path)["records"]])
     diff, lo, hi, n = paired_difference(a, b, z)
     wins, losses, p = exact_sign_test(a, b)
     return (f"vs {path}: {diff:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}) on {n} shared items; "

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import struct
 import threading
 
@@ -23,7 +24,10 @@ import reinforce
 import run_state
 import safetensors_io
 import svf
-from model import load_model
+from data.evaluate import Result, compare_line
+from svd_cache import checkpoint_identity
+from tokenizer import Tokenizer, load_tiktoken_ranks
+from model import load_model, load_state_dict
 from test_reinforce import LowByteTask, byte_tokenizer, config
 
 
@@ -344,6 +348,38 @@ def test_every_loader_refuses_a_fifo_a_device_or_a_folder_by_name_within_a_secon
         assert isinstance(error, run_state.StateFileError) and f"{fifo} is a FIFO" in str(error), error
         os.unlink(fifo)
         fifo.write_bytes(kept)
+
+
+
+def test_a_checkpoints_config_tokenizer_files_and_result_files_that_are_fifos_are_refused_by_name(tiny_checkpoint,
+                                                                                                 tmp_path):
+    """The rest of what a path can name: a checkpoint's config.json (read by load_model and by the SVD
+    cache's digest) and shard index, tokenizer.json and Meta's tokenizer.model, and an evaluation's
+    result file (--compare): a FIFO there is refused by name too, within a second, never waited on."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint("llama", vocab_size=259), checkpoint)
+
+    def as_fifo(path):
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        return str(path)
+    config = as_fifo(checkpoint / "config.json")
+    for name, load in {"load_model": lambda: load_model(str(checkpoint)),
+                       "checkpoint_identity": lambda: checkpoint_identity(str(checkpoint))}.items():
+        error = finishes_within(1.0, load, config)
+        assert isinstance(error, ValueError) and f"{config} is a FIFO" in str(error), (name, error)
+    (tmp_path / "sharded").mkdir()
+    index = as_fifo(tmp_path / "sharded" / "model.safetensors.index.json")
+    error = finishes_within(1.0, lambda: load_state_dict(str(tmp_path / "sharded")), index)
+    assert isinstance(error, ValueError) and f"{index} is a FIFO" in str(error), error
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for fifo, load in ((as_fifo(tok_dir / "tokenizer.json"), lambda: Tokenizer.from_dir(str(tok_dir))),
+                       (as_fifo(tmp_path / "tokenizer.model"), lambda: load_tiktoken_ranks(str(tmp_path / "tokenizer.model"))),
+                       (as_fifo(tmp_path / "result.json"), lambda: Result.load(str(tmp_path / "result.json"))),
+                       (str(tmp_path / "result.json"), lambda: compare_line(str(tmp_path / "result.json"), None))):
+        error = finishes_within(1.0, load, fifo)
+        assert isinstance(error, ValueError) and fifo in str(error) and "regular file" in str(error), (fifo, error)
 
 
 LIES.update({  # issue 39: zero-size tensors whose other dimensions do not fit a tensor, too many dimensions
