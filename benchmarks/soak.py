@@ -19,27 +19,15 @@ aim being within 3% (issue 38). Validation runs at step 0 and after the last ste
 import argparse
 import json
 import os
-import platform
-import subprocess
 import tempfile
 
 import torch
 
 import reinforce
+from benchmarks.bench_model import cpu_name  # the CPU's name and flags, printed beside every number
 from chat import add_model_arguments, load
 from data import get_task
 from recipes import recipe, step_batch
-
-
-def cpu_name():
-    """The CPU's model name and its bfloat16 flags, from lscpu."""
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name")), "?")
-    flags = [f for f in ("amx_bf16", "avx512_bf16") if f in info.split()]
-    return f"{name} ({', '.join(flags) or 'no native bfloat16'})"
 
 
 def soak(args):
