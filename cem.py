@@ -70,7 +70,7 @@ import run_state
 import safetensors_io
 import svf
 from data import get_task, split_shots
-from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, load
+from chat import MAX_NEW_TOKENS, Completer, add_model_arguments, completion_ids, load
 from logprobs import token_logprobs
 
 say = functools.partial(print, flush=True)  # progress lines show up at once, also in a log file
@@ -264,7 +264,7 @@ class ShotFitness:
         tok = completer.tok
         self.prompts = [completer.encode(ex.messages) for ex in shots]
         gold = [task.reference_completion(ex) for ex in shots]
-        self.gold = [None if g is None else tok.encode(g) for g in gold]
+        self.gold = [None if g is None else completion_ids(tok, ex.messages, g) for ex, g in zip(shots, gold)]
 
     def __call__(self, x):
         alpha = x.reshape(len(self.experts), -1)  # (K, 1) or (K, n_matrices)

@@ -36,6 +36,30 @@ MAX_NEW_TOKENS = {"arc_easy": 32, "arc_challenge": 32, "cls": 16, "gsm8k": 320, 
                   "math500": 512, "mbpp": 320, "humaneval": 384}
 
 
+def prompt_ids(tok, messages):
+    """The ids of a task's prompt. A final assistant message is a prefill: continued, no end of turn
+    after it. A template that takes no system message (Mistral v0.1) gets the task's system text in
+    the first user turn."""
+    return tok.chat(messages, fold_system_message="auto", continue_final_message=messages[-1]["role"] == "assistant")
+
+
+def completion_ids(tok, messages, completion):
+    """The ids of `completion` as the checkpoint's template renders it after the prompt of `messages`
+    (continuing its prefill, else as the assistant's answer): the rendering of prompt and completion
+    together, less the prompt's ids. Encoding the completion alone can differ at the seam: a
+    SentencePiece-style BPE (Mistral) puts a "▁" before a piece of its own, where Hugging Face
+    tokenizes "[/INST]" and the answer as one piece. Where the prompt's ids are not a prefix of the
+    whole's (a template that renders an answer differently from a prompt, e.g. Qwen3's think block),
+    the completion alone, continuing the text."""
+    prompt = prompt_ids(tok, messages)
+    if messages[-1]["role"] == "assistant":
+        whole = [*messages[:-1], {"role": "assistant", "content": messages[-1]["content"] + completion}]
+    else:
+        whole = [*messages, {"role": "assistant", "content": completion}]
+    ids = tok.chat(whole, fold_system_message="auto", continue_final_message=True)
+    return ids[len(prompt):] if ids[:len(prompt)] == prompt else tok.encode(completion, at_start=False)
+
+
 class Completer:
     """complete_fn for data.evaluate: list of chat message lists -> list of completions.
 
@@ -52,10 +76,7 @@ class Completer:
         self.generator = torch.Generator(device=model.inv_freq.device).manual_seed(seed)
 
     def encode(self, messages):
-        # A final assistant message is a prefill: continued, no end of turn after it. A template that
-        # takes no system message (Mistral v0.1) gets the task's system text in the first user turn.
-        return self.tok.chat(messages, fold_system_message="auto",
-                             continue_final_message=messages[-1]["role"] == "assistant")
+        return prompt_ids(self.tok, messages)
 
     def generate_ids(self, prompts, samples=1, keep_stop=False):
         """prompts: list of token lists -> list of generated token lists (stop token excluded unless

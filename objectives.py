@@ -31,7 +31,7 @@ import time
 import torch
 
 import distributed
-from chat import release_freed_memory
+from chat import completion_ids, release_freed_memory
 from logprobs import token_logprobs
 
 
@@ -323,9 +323,10 @@ def require_references(task, examples):
 
 
 def reference_targets(task, examples, tok):
-    """The token lists nll_step predicts: each example's reference completion, then the end-of-turn token."""
+    """The token lists nll_step predicts: each example's reference completion, as the template renders it
+    after the prompt (chat.completion_ids), then the end-of-turn token."""
     end = [tok.eos_id] if tok.eos_id is not None else []
-    return [tok.encode(task.reference_completion(ex)) + end for ex in examples]
+    return [completion_ids(tok, ex.messages, task.reference_completion(ex)) + end for ex in examples]
 
 
 def nll_step(wrapper, model, prompts, targets, cfg, pad_id, rows=None, reduce=None):

@@ -337,3 +337,20 @@ def test_completer_prompts_of_every_family(smol):
     assert completer.encode(PREFILLED[:-1]) == smol.chat(PREFILLED[:-1])
     completer.tok = mistral = load("mistral-v0.1")
     assert mistral.decode(completer.encode(PREFILLED)) == "<s> [INST] Answer.\n\nQ? [/INST]Let's think step by step"
+
+
+def test_a_reference_completion_is_tokenized_as_it_follows_the_prompt(smol):
+    """chat.completion_ids, the targets of --objective nll and cem's gold answers: the ids the template's
+    rendering gives the completion after the prompt. Mistral: Hugging Face's ids of "[/INST]Hello!"
+    (cases.json's third chat), not "▁Hello" as the answer encoded alone; SmolLM2: the answer alone,
+    after a prefill and after a question."""
+    from chat import completion_ids, prompt_ids
+    mistral = load("mistral-v0.1")
+    case = cases()["mistral-v0.1"]["chat"][2]  # user Hi, assistant Hello!, user Bye
+    question = case["messages"][:1]
+    prompt = prompt_ids(mistral, question)
+    answer = completion_ids(mistral, question, case["messages"][1]["content"])
+    assert prompt + answer + [mistral.eos_id] == case["ids"][:len(prompt) + len(answer) + 1]
+    assert answer != mistral.encode(case["messages"][1]["content"])  # the seam is why this exists
+    assert completion_ids(smol, PREFILLED, " so 4.") == smol.encode(" so 4.")
+    assert completion_ids(smol, PREFILLED[:-1], "4.") == smol.encode("4.")
