@@ -39,6 +39,7 @@ reinforce.py (data parallel REINFORCE, one step; objectives.rollouts_and_gradien
     if distributed.is_main(): save_state(); log(row)
 """
 
+import atexit
 import datetime
 import hashlib
 import os
@@ -88,13 +89,14 @@ def run(main, *args, **kwargs):
     """A script's entry point, `if __name__ == "__main__": distributed.run(main)`: setup, main,
     and on failure "rank R failed: ..." on stderr before the error propagates (torchrun then stops
     the other ranks). Under torchrun, main is wrapped in torch's `record`, which writes the error
-    and its traceback where the agent reads it. In one process this is just main(*args)."""
+    and its traceback where the agent reads it. In one process this is just main(*args); under
+    torchrun a rank that finishes does not return: it exits with 0 here (see the end)."""
     setup()
     if not dist.is_initialized():
         return main(*args, **kwargs)
     from torch.distributed.elastic.multiprocessing.errors import record
     try:
-        result = record(main)(*args, **kwargs)
+        record(main)(*args, **kwargs)
     except BaseException as e:
         if not (isinstance(e, SystemExit) and e.code in (0, None)):
             print(f"rank {rank()} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -103,7 +105,14 @@ def run(main, *args, **kwargs):
     # aborted in C++ at exit ("terminate called without an active exception"), seen under load.
     dist.barrier()
     dist.destroy_process_group()
-    return result
+    # The rank's work is done and written, and its group destroyed; what is left is the interpreter's
+    # finalization, which has still aborted now and then under load (std::terminate in a torch thread,
+    # no Python frame left: torchrun then reports a finished run as failed). So a rank ends here:
+    # exit handlers run and streams are flushed as at a normal exit, then the process exits with 0.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def rank():
