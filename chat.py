@@ -279,7 +279,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="auto: bfloat16 where the device runs it natively, else float32 (auto_dtype)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ap.add_argument("--device", default="auto", type=device_arg,
+                    help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args()
 
     model, tok, _ = load(args)  # as every script loads (--dtype auto resolved, a warning where bfloat16 would be slow)
