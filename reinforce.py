@@ -2,7 +2,7 @@
 or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-token prediction.
 
     python reinforce.py --task arc                 # trains experts/arc.safetensors by its recipe (RECIPES)
-    python reinforce.py --task arc --steps 5 --heldout 0   # a try: runs/arc_easy-mlp.safetensors
+    python reinforce.py --task arc --recipe try    # a first try, ~15 min on a laptop: runs/arc_easy-try.safetensors
     python reinforce.py --task cls                 # the classification expert of adapt.py --strategy cls
     python reinforce.py --task arc --recipe official --steps 20     # the official code's settings
     python reinforce.py --task arc --kl 0.1 --run-dir runs/arc-kl0.1   # one setting changed
@@ -12,8 +12,8 @@ or the paper's baselines (Table 1 and Table 4): a LoRA, and training with next-t
 
 Each task's defaults are the recipe of its shipped expert (recipes.RECIPES, with the reasons), so the first
 command reproduces the file in experts/; any flag changes one setting, and the run prints them all.
-A run that is not a shipped expert's recipe (a try, `--steps 5`) writes its expert next to its run
-directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
+A run that is not a shipped expert's recipe (`--steps 5`, `--recipe try`) writes its expert next to
+its run directory instead (runs/arc_easy-mlp.safetensors), unless `--out` says otherwise: it never
 replaces a file in experts/.
 
 The objective (paper, eq. 1), maximised over the expert's vectors z only (objectives.py writes out
@@ -80,7 +80,7 @@ from data.evaluate import paired_difference
 from chat import (MAX_NEW_TOKENS, Completer, add_model_arguments, load, peak_rss_gib, peak_rss_since_reset_gib,
                   release_freed_memory, reset_peak_rss, rss_gib)
 # what a run is and the shipped recipes (recipes.py), importable from here as before they moved
-from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPES, TrainConfig, batch_indices,  # noqa: F401
+from recipes import (DEFAULT_TARGETS, OFFICIAL, RECIPE_NAMES, RECIPES, TrainConfig, batch_indices,  # noqa: F401
                      default_names, expert_path, recipe, step_batch)
 # the two objectives and the RL step (these names stay importable from here, as before they moved)
 from objectives import (advantages, nll_step, policy_gradient_step, reference_targets,  # noqa: F401
@@ -326,8 +326,9 @@ def main(argv=None):
     add_model_arguments(ap, batch_size=None, batch_help=f"rollouts per step, questions x --samples {recipe_default}; "
                         "the official code's: 256")
     ap.add_argument("--task", default=d.task, help="arc (arc_easy), gsm8k, mbpp, cls, ... (default: %(default)s)")
-    ap.add_argument("--recipe", default="shipped", choices=["shipped", "official"],
-                    help="start from the settings of the task's shipped expert, or of the official code (default: shipped)")
+    ap.add_argument("--recipe", default="shipped", choices=RECIPE_NAMES,
+                    help="start from the settings of the task's shipped expert, of the official code, or of the "
+                         "task's first try (recipes.TRIES: a quarter of an hour on a laptop) (default: shipped)")
     ap.add_argument("--prompt", default=None, help=f"prompt variant {recipe_default}")
     ap.add_argument("--method", default=None, choices=sorted(DEFAULT_TARGETS),
                     help="svf (default), or lora (lora.py): the paper's baseline")
@@ -372,7 +373,10 @@ def main(argv=None):
                     "runs/<task>-<method>-<objective>-<targets> for other methods or objectives)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     args = ap.parse_args(argv)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:  # --recipe try for a task without one
+        ap.error(str(e))
     if min(cfg.steps, cfg.eval_every, cfg.micro_batch, cfg.eval_limit, cfg.rollout_batch) < 1 or cfg.heldout < 0:
         ap.error("--steps, --eval-every, --micro-batch, --rollout-batch and --eval-limit must be at least 1, "
                  "--heldout at least 0")
@@ -397,6 +401,9 @@ def main(argv=None):
     if cfg.shuffle_options and not hasattr(task, "shuffled"):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
     default_run_dir, default_out = default_names(cfg, task.name)
+    if args.recipe == "try":  # a try never shares a run directory with the recipe it samples
+        default_run_dir = os.path.join("runs", f"{task.name}-try")
+        default_out = default_run_dir + ".safetensors"
     print(f"recipe {args.recipe} for {task.name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     if args.out is None and os.path.exists(default_out) and cfg != recipe(task.name):
         default_out = os.path.normpath(args.run_dir or default_run_dir) + ".safetensors"  # only the recipe replaces one

@@ -345,6 +345,24 @@ def test_each_task_defaults_to_its_recipe_and_flags_change_single_settings(monke
     assert seen["cfg"] == official and not official.baseline and official.temperature == 0  # the official code's
 
 
+def test_the_first_try_is_its_tasks_recipe_with_the_tries_changes_and_writes_under_runs(monkeypatch, tmp_path, capsys):
+    seen = {}
+    monkeypatch.setattr(reinforce, "load", lambda args: (None, None, None))
+    monkeypatch.setattr(reinforce, "train", lambda cfg, model, tok, model_dir, task, run_dir, out, resume:
+                        seen.update(cfg=cfg, run_dir=run_dir, out=out))
+    monkeypatch.chdir(tmp_path)  # no experts/ here: a try must not write experts/arc.safetensors even so
+    reinforce.main(["--task", "arc", "--recipe", "try"])
+    changes = recipes.TRIES["arc_easy"]
+    assert seen["cfg"] == reinforce.TrainConfig(**dict(reinforce.RECIPES["arc_easy"], **changes, task="arc_easy"))
+    assert seen["cfg"].heldout == 0 and seen["cfg"].steps < reinforce.recipe("arc").steps
+    assert seen["run_dir"] == "runs/arc_easy-try" and seen["out"] == "runs/arc_easy-try.safetensors"
+    reinforce.main(["--task", "arc", "--recipe", "try", "--steps", "2"])  # a flag still changes one setting
+    assert seen["cfg"].steps == 2 and seen["cfg"].lr == changes["lr"]
+    with pytest.raises(SystemExit):
+        reinforce.main(["--task", "mbpp", "--recipe", "try"])
+    assert "no first try for mbpp" in capsys.readouterr().err
+
+
 def test_only_the_recipe_replaces_a_shipped_expert(monkeypatch, tmp_path):
     """A two-step try (or any changed setting) writes its expert under runs/, never over experts/."""
     seen = {}
