@@ -96,10 +96,21 @@ def _vectors(value):
                                            and bool(torch.isfinite(t).all()) for k, t in value.items())
 
 
+def _adam(value):
+    """An optimizer state_dict whose tensors are finite and whose second moments are not negative: a
+    NaN there makes every later update NaN, and with it p, one step after the resume."""
+    if not (isinstance(value, dict) and isinstance(value.get("state"), dict)
+            and isinstance(value.get("param_groups"), list)):
+        return False
+    return all(isinstance(s, dict) and all(
+        not isinstance(t, torch.Tensor) or (bool(torch.isfinite(t).all()) and not (k == "exp_avg_sq" and bool((t < 0).any())))
+        for k, t in s.items()) for s in value["state"].values())
+
+
 def check_values(state, path, kind):
     """StateFileError naming `path` for a value a resume would misuse: a step that is not a count (a
     negative one would rewrite the log from there), vectors that are not finite float tensors (NaN
-    spreads to every logit), a search distribution of mismatched or non-finite vectors."""
+    spreads to every logit), Adam moments that are not finite, a search distribution of mismatched or non-finite vectors."""
     def refuse(what, value, expected):
         raise StateFileError(f"{path}: its {what} is {str(value)[:200]}; expected {expected}")
     if kind == "reinforce":
@@ -107,6 +118,9 @@ def check_values(state, path, kind):
             refuse("step", repr(state["step"]), "a non-negative integer, the steps the run finished")
         if not _vectors(state["p"]):
             refuse("p", state["p"], "a dict of finite float tensors, the expert being trained")
+        if not _adam(state["optimizer"]):
+            refuse("optimizer", "an Adam state with non-finite or negative moments", "Adam's state_dict: finite "
+                   "moments (exp_avg_sq not negative)")
         best = state["best"]
         if not (isinstance(best, dict) and {"accuracy", "step", "p"} <= best.keys() and type(best["step"]) is int
                 and -1 <= best["step"] <= state["step"] and (best["p"] is None or _vectors(best["p"]))):

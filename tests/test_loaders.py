@@ -79,6 +79,14 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
+def nan_moments(optimizer_state):
+    """Adam's state_dict with its first moments NaN (what a NaN gradient saved would leave)."""
+    state = {i: {k: torch.full_like(t, math.nan) if k == "exp_avg" else t for k, t in s.items()}
+             for i, s in optimizer_state["state"].items()}
+    assert state, "the run saved no Adam moments to damage"
+    return dict(optimizer_state, state=state)
+
+
 def test_resume_refuses_a_state_with_code_of_another_kind_or_truncated_naming_the_file(setup, tmp_path):
     train(setup, tmp_path)
     path, log = tmp_path / "run" / "state.pt", tmp_path / "run" / "log.jsonl"
@@ -101,7 +109,9 @@ def test_resume_refuses_a_state_with_code_of_another_kind_or_truncated_naming_th
                                              "best step's p does not fit"),
              "a NaN in p": (dict(state, p={n: torch.full_like(p, math.nan) for n, p in state["p"].items()}),
                             "expected a dict of finite float tensors"),
-             "a best step past the step": (dict(state, best=dict(state["best"], step=3)), "its best is")}
+             "a best step past the step": (dict(state, best=dict(state["best"], step=3)), "its best is"),
+             "a NaN in Adam's moments": (dict(state, optimizer=nan_moments(state["optimizer"])), "its optimizer is"),
+             "not an optimizer state": (dict(state, optimizer=[1, 2]), "its optimizer is")}
     for name, (saved, message) in cases.items():
         if saved is None:
             path.write_bytes(good[:len(good) // 2])
