@@ -207,6 +207,7 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
 
     def validate():
         t0 = time.perf_counter()
+        reset_peak_rss()  # validation's own peak: 64 long answers decoded at once can top a step's (MBPP)
         res = read(val_set)
         correct = [r.correct for r in res.records]
         if step0["correct"] is None:
@@ -214,10 +215,10 @@ def train(cfg, model, tok, model_dir, task, run_dir, out, resume=False):
         diff, lo, hi = paired(step0["correct"], correct)
         print(f"eval step {step} | validation accuracy {res.accuracy:.4f} ({res.correct}/{res.n}) "
               f"| vs step 0 {diff:+.4f} ({lo:+.4f} to {hi:+.4f}) | unparsable {res.unparsable:.1%} "
-              f"| {time.perf_counter() - t0:.1f}s", flush=True)
+              f"| {time.perf_counter() - t0:.1f}s | peak {peak_rss_since_reset_gib():.2f} GiB", flush=True)
         timing["validation_s"] = time.perf_counter() - t0
         log({"kind": "eval", "step": step, "accuracy": res.accuracy, "unparsable": res.unparsable,
-             "vs_step0": [diff, lo, hi]})
+             "vs_step0": [diff, lo, hi], "validation_peak_rss_gib": peak_rss_since_reset_gib()})
         distributed.check_same(distributed.digest(wrapper.state()), f"p at step {step}")
         if res.accuracy > best["accuracy"]:
             best.update(accuracy=res.accuracy, step=step, p=wrapper.state())

@@ -128,6 +128,9 @@ def test_a_run_resumed_at_step_0_validates_step_0_once(setup, tmp_path, monkeypa
     for r in rows[1:]:  # resident now <= the step's own peak <= the process's (issue 38); GiB, Linux only
         if r["kind"] == "step" and r["rss_gib"] is not None:
             assert 0 < r["rss_gib"] <= r["step_peak_rss_gib"] + 1e-3 and r["step_peak_rss_gib"] <= r["peak_rss_gib"] + 1e-3
+    for r in rows:  # and each validation's own peak, which no step's covers (it runs after the step's line)
+        if r["kind"] == "eval":
+            assert 0 < r["validation_peak_rss_gib"] < 64
 
 
 def test_resume_refuses_different_flags(setup, tmp_path):
