@@ -91,10 +91,11 @@ RECIPES = {
 }
 OFFICIAL = dict(prompt="official")
 # The README's first try (`--recipe try`): a task's recipe cut to about a quarter of an hour on a
-# laptop's two cores (issue 38). ARC: half the batch, 5 steps, 3x the learning rate. Five steps do
-# not show learning reliably at any setting measured: the recipe's first 5 (256 a step) read +1.3
-# points on validation, 12 steps of 64 +1.7, these settings +2.5, 5 steps of 128 at 5x the rate +1.0
-# and +1.2 (two seeds), each inside its paired interval (RESULTS.md, "The first try").
+# laptop's two cores (issue 38). ARC: half the batch and 5 steps, for time; 3x the rate, so that 5
+# Adam steps can move p as far as 15 of the recipe's. Five steps do not show learning reliably at
+# any setting measured: on validation the recipe's first 5 read +1.3 points, 12 steps of 64 +1.7,
+# these settings +2.5 and +0.7 (two seeds), 5x the rate +1.0 and +1.2, each inside its paired
+# interval (RESULTS.md, "The first try"): a try shows the loop, its pace and its direction.
 TRIES = {
     "arc_easy": dict(batch_size=128, steps=5, lr=6e-3, eval_every=5, heldout=0),
 }
