@@ -402,11 +402,11 @@ def main(argv=None):
     if cfg.shuffle_options and not hasattr(task, "shuffled"):
         ap.error(f"--shuffle-options needs a multiple-choice task (arc_easy, arc_challenge), not {task.name}")
     default_run_dir, default_out = default_names(cfg, task.name)
-    if args.recipe == "try":  # a try never shares a run directory with the recipe it samples
+    if args.recipe == "try":  # a try shares no run directory with the recipe it samples, and never writes experts/
         default_run_dir = os.path.join("runs", f"{task.name}-try")
-        default_out = default_run_dir + ".safetensors"
+        default_out = os.path.normpath(args.run_dir or default_run_dir) + ".safetensors"
     print(f"recipe {args.recipe} for {task.name}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    if args.out is None and os.path.exists(default_out) and cfg != recipe(task.name):
+    if args.recipe != "try" and args.out is None and os.path.exists(default_out) and cfg != recipe(task.name):
         default_out = os.path.normpath(args.run_dir or default_run_dir) + ".safetensors"  # only the recipe replaces one
         print(f"these settings are not the recipe of {expert_path(task.name)}, which stays: "
               f"the expert goes to {default_out} (--out to choose)")

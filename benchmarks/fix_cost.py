@@ -64,10 +64,8 @@ def main(argv=None):
         for rep in range(args.repeats):
             median = {}
             for arm in ("after", "before"):
-                env = dict(os.environ, **(BEFORE_ENV if arm == "before" else {}))
-                if arm == "after":
-                    for v in BEFORE_ENV:
-                        env.pop(v, None)
+                env = {k: v for k, v in os.environ.items() if k not in BEFORE_ENV}  # after: products.py's caps
+                env.update(BEFORE_ENV if arm == "before" else {})
                 rows_path = os.path.join(tmp, f"{arm}{rep}.json")
                 subprocess.run([sys.executable, "-m", "benchmarks.fix_cost", *forward, "--arm", arm,
                                 "--rows", rows_path], env=env, check=True, stdout=subprocess.DEVNULL)

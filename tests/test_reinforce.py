@@ -361,6 +361,12 @@ def test_the_first_try_is_its_tasks_recipe_with_the_tries_changes_and_writes_und
     assert seen["run_dir"] == "runs/arc_easy-try" and seen["out"] == "runs/arc_easy-try.safetensors"
     reinforce.main(["--task", "arc", "--recipe", "try", "--steps", "2"])  # a flag still changes one setting
     assert seen["cfg"].steps == 2 and seen["cfg"].lr == changes["lr"]
+    for earlier_try in (False, True):  # the expert follows --run-dir, whether or not a try wrote one before
+        if earlier_try:
+            (tmp_path / "runs").mkdir()
+            (tmp_path / "runs" / "arc_easy-try.safetensors").write_bytes(b"an earlier try")
+        reinforce.main(["--task", "arc", "--recipe", "try", "--run-dir", "runs/mine"])
+        assert seen["run_dir"] == "runs/mine" and seen["out"] == "runs/mine.safetensors"
     with pytest.raises(SystemExit):
         reinforce.main(["--task", "mbpp", "--recipe", "try"])
     assert "no first try for mbpp" in capsys.readouterr().err
