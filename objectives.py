@@ -237,11 +237,11 @@ def policy_gradient_step(wrapper, model, prompts, completions, rewards, cfg, pad
                 loss.backward()
                 total_loss += loss.item()
                 del logp, mask, kl, loss
-                # glibc keeps what a micro-batch freed in its heaps, where the next one, of other
-                # shapes, only partly reuses it: returning it lowered a 16-rollout ARC step's peak
-                # from 2.22 to 2.12 GiB (RESULTS.md, "Memory and dtype on any laptop"), at a cost:
-                # the next micro-batch faults the pages in again, ~11% of the backward's time
-                release_freed_memory()
+            # glibc keeps what the micro-batches freed in its heaps, where the other half, of other
+            # lengths, only partly reuses it: return it once a half. Once a micro-batch lowered a
+            # step's peak by ~0.1 GiB more but cost ~11% of the backward (the pages faulted in
+            # again each time); RESULTS.md, "What the fixes cost in time"
+            release_freed_memory()
             return total_loss, kl_sum, kl_count
         return run
 
