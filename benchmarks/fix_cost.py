@@ -8,8 +8,8 @@ default 1024 shapes (LRU_CACHE_CAPACITY, ONEDNN_PRIMITIVE_CACHE_CAPACITY in the 
 which products.py then leaves alone) and no malloc_trim after each half of the backward
 (objectives.release_freed_memory made a no-op); "no-trim" keeps the caps and drops only the trim,
 so each fix's time and the highest step peak it buys show apart. The order of the three alternates
-from round to round, so that a slow drift of a shared machine falls on each alike. The SVD cache's copy of sigma happens once, at load,
-and is not measured. Each child runs benchmarks.soak's steps (the real mix of questions); a step's
+from round to round, so that a slow drift of a shared machine falls on each alike. The SVD cache's
+copy of sigma happens once, at load, and is not measured. Each child runs benchmarks.soak's steps (the real mix of questions); a step's
 time is its rollout plus its backward, the first step of each child left out (it fills the caches).
 The aim (issue 38): at most 5% more time a step.
 """
@@ -93,6 +93,7 @@ def main(argv=None):
         print(f"median {arm:7}: step {step:.2f} s, rollout {rollout:.2f} s, backward {backward:.2f} s | "
               f"highest step peak {max(peaks[arm]):.2f} GiB{vs}")
     print("aim (issue 38): after / before at most 1.05")
+
 
 if __name__ == "__main__":
     main()
