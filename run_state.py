@@ -102,9 +102,12 @@ def _adam(value):
     if not (isinstance(value, dict) and isinstance(value.get("state"), dict)
             and isinstance(value.get("param_groups"), list)):
         return False
-    return all(isinstance(s, dict) and all(
-        not isinstance(t, torch.Tensor) or (bool(torch.isfinite(t).all()) and not (k == "exp_avg_sq" and bool((t < 0).any())))
-        for k, t in s.items()) for s in value["state"].values())
+
+    def sound(name, t):  # one entry of a parameter's state: exp_avg, exp_avg_sq, step
+        if not isinstance(t, torch.Tensor):
+            return True
+        return bool(torch.isfinite(t).all()) and not (name == "exp_avg_sq" and bool((t < 0).any()))
+    return all(isinstance(s, dict) and all(sound(k, t) for k, t in s.items()) for s in value["state"].values())
 
 
 def check_values(state, path, kind):

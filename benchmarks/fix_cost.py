@@ -9,8 +9,9 @@ which products.py then leaves alone) and no malloc_trim after each half of the b
 (objectives.release_freed_memory made a no-op); "no-trim" keeps the caps and drops only the trim,
 so each fix's time and the highest step peak it buys show apart. The order of the three alternates
 from round to round, so that a slow drift of a shared machine falls on each alike. The SVD cache's
-copy of sigma happens once, at load, and is not measured. Each child runs benchmarks.soak's steps (the real mix of questions); a step's
-time is its rollout plus its backward, the first step of each child left out (it fills the caches).
+copy of sigma happens once, at load, and is not measured. Each child runs benchmarks.soak's steps
+(the real mix of questions); a step's time is its rollout plus its backward, the first step of each
+child left out (it fills the caches).
 The aim (issue 38): at most 5% more time a step.
 """
 
