@@ -105,10 +105,14 @@ def run(main, *args, **kwargs):
     # aborted in C++ at exit ("terminate called without an active exception"), seen under load.
     dist.barrier()
     dist.destroy_process_group()
-    # The rank's work is done and written, and its group destroyed; what is left is the interpreter's
-    # finalization, which has still aborted now and then under load (std::terminate in a torch thread,
-    # no Python frame left: torchrun then reports a finished run as failed). So a rank ends here:
-    # exit handlers run and streams are flushed as at a normal exit, then the process exits with 0.
+    # The rank's work is done and written, and its group destroyed, yet a normal exit can still abort.
+    # A gloo worker thread frees a collective's work (its tensors) just after the collective returns,
+    # and freeing a tensor that Python knew takes the GIL. If the interpreter is finalizing by then,
+    # the thread is ended inside that C++ destructor, and C++ calls std::terminate: SIGABRT, and
+    # torchrun reports a finished run as failed. (A core dump: ~AsyncAllgatherWork -> decref_pyobject
+    # -> take_gil -> pthread_exit. Ranks of tests/test_distributed.py that returned to a normal exit
+    # aborted about once in eight.) So a rank ends here, without finalizing: exit handlers run and
+    # streams are flushed as at a normal exit, then the process exits with 0.
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -96,7 +96,6 @@ def step_child(args):
     import reinforce
     from chat import Completer
     from data import get_task
-    distributed.setup()
     reduced = []
     sum_over_ranks = distributed.sum_over_ranks
 
@@ -174,7 +173,8 @@ def main():
         args.dtype = auto_dtype("cpu")[0]
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.dtype}", flush=True)
     if args.step_child:
-        step_child(args)
+        import distributed
+        distributed.run(step_child, args)  # under torchrun: setup, and the rank's safe exit
     elif args.decode:
         bench_decode(args)
     elif args.groups:

@@ -92,11 +92,16 @@ def test_digest_sees_every_bit():
 # ----------------------------------------------------------------------------- two ranks, spawned
 
 def _helpers(rank, world, port, checkpoint):
-    """One rank of test_helpers_on_two_ranks (runs in a spawned process)."""
+    """One rank of test_helpers_on_two_ranks (runs in a spawned process). It ends as a script's rank
+    does, through distributed.run: a rank that returned to the interpreter's exit aborted now and
+    then (SIGABRT, see the end of distributed.run)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    distributed.setup(quiet=False)
+    distributed.run(_helper_checks, rank, world, checkpoint)
+
+
+def _helper_checks(rank, world, checkpoint):
     assert torch.distributed.get_backend() == "gloo" and distributed.world_size() == world
     # shard and gather: strided shares, back in item order, also when a rank has none
     for n in (0, 1, 5, 6):
@@ -133,8 +138,6 @@ def _helpers(rank, world, port, checkpoint):
     distributed.check_same(distributed.digest([torch.ones(3)]), "p")
     with pytest.raises(RuntimeError, match=r"p after step 3 differs across ranks: rank 0 has \w+, rank\(s\) \[1\]"):
         distributed.check_same(distributed.digest([torch.ones(3) * (1 + rank)]), "p after step 3")
-    distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 def test_helpers_on_two_ranks(tiny_checkpoint):
