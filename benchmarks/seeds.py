@@ -2,12 +2,15 @@
 
     python -m benchmarks.seeds runs/try-g0 runs/try-g1 ...                  # one recipe
     python -m benchmarks.seeds runs/try-g0 ... --against runs/c2 runs/c2s1 ...  # two, paired by seed
+    python -m benchmarks.seeds runs/test-g0.json ... --against runs/test-p0.json ...  # held out (Results)
 
 A run's own interval (reinforce.py's "vs step 0") is over its 600 validation items: it says whether
 *this* run moved validation. Whether the recipe does is a question over seeds (other batches, option
 orders and initial z): here each run gives one number, its last validation minus its step 0, and the
 seeds' mean gets a Student t interval over the runs. With --against, the i-th run of each list must
-share a seed, hence the same step 0; their difference is then paired by seed.
+share a seed, hence the same step 0; their difference is then paired by seed. Result files
+(evaluate_model.py --out, each seed's expert on the same held-out items) are compared item by item
+within a seed, and the seeds' paired differences get the t interval over seeds.
 """
 
 import argparse
@@ -64,21 +67,44 @@ def summary(name, runs):
     return diffs
 
 
+def held_out(files, against):
+    """Result files of two recipes' experts, the i-th of each from the same seed: each seed's paired
+    difference on their shared items, then the mean over seeds with its t interval."""
+    from data import Result
+    from data.evaluate import paired_difference
+    diffs = []
+    for fa, fb in zip(files, against):
+        a, b = Result.load(fa), Result.load(fb)
+        d, lo, hi, n = paired_difference(b, a)  # a's accuracy minus b's, on the items both have
+        d, lo, hi = 100 * d, 100 * lo, 100 * hi
+        diffs.append(d)
+        print(f"  {fa} {100 * a.accuracy:.2f}% against {fb} {100 * b.accuracy:.2f}%: {d:+.2f} ({lo:+.2f} to "
+              f"{hi:+.2f}) on {n} items; unparsable {100 * a.unparsable:.1f}% / {100 * b.unparsable:.1f}%")
+    m, lo, hi = mean_interval(diffs)
+    print(f"paired by seed, over {len(diffs)} seeds: {m:+.2f} points (95% t interval {lo:+.2f} to {hi:+.2f}), "
+          f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds higher")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed")
+    ap.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed, or Result files "
+                                            "(evaluate_model.py --out) of its experts")
     ap.add_argument("--against", nargs="+", default=None,
                     help="run directories of another recipe at the same seeds, in the same order")
     args = ap.parse_args()
     if len(args.runs) < 2:
         ap.error("give at least two runs: one run has no spread over seeds")
+    if args.against is not None and len(args.against) != len(args.runs):
+        ap.error(f"--against needs one run per seed of the first list: {len(args.runs)} runs, "
+                 f"{len(args.against)} against")
+    if all(f.endswith(".json") for f in args.runs + (args.against or [])):
+        if args.against is None:
+            ap.error("Result files are compared with --against (another recipe's, seed by seed)")
+        return held_out(args.runs, args.against)
     runs = {d: read_run(d) for d in args.runs}
     a = summary("runs", runs)
     if args.against is None:
         return
-    if len(args.against) != len(args.runs):
-        ap.error(f"--against needs one run per seed of the first list: {len(args.runs)} runs, "
-                 f"{len(args.against)} against")
     other = {d: read_run(d) for d in args.against}
     b = summary("against", other)
     for (d, r), mine in zip(other.items(), runs.values()):

@@ -44,3 +44,26 @@ def test_a_pair_from_another_seed_or_a_log_without_step_0_is_refused(tmp_path, m
     (tmp_path / "empty" / "log.jsonl").write_text(json.dumps(dict(kind="eval", step=5, accuracy=0.3)) + "\n")
     with pytest.raises(SystemExit, match=r"expected a validation at step 0 and a later one, found steps \[5\]"):
         seeds.read_run(str(tmp_path / "empty"))
+
+
+def write_result(path, right):
+    from data.evaluate import Record, Result
+    records = [Record(f"q{i}", [], "A", "A", "A" if r else "B", bool(r)) for i, r in enumerate(right)]
+    Result("arc_easy", "test", "first", records).save(str(path))
+    return str(path)
+
+
+def test_held_out_results_are_paired_within_a_seed_then_over_seeds(tmp_path, monkeypatch, capsys):
+    # seed 0: a wins 2 items of 10, loses none (+20); seed 1: a wins 1, loses 1 (0); mean +10 over 2 seeds
+    a = [write_result(tmp_path / "a0.json", [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]),
+         write_result(tmp_path / "a1.json", [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])]
+    b = [write_result(tmp_path / "b0.json", [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+         write_result(tmp_path / "b1.json", [0, 1, 0, 0, 0, 0, 0, 0, 0, 0])]
+    monkeypatch.setattr(sys, "argv", ["seeds", *a, "--against", *b])
+    seeds.main()
+    out = capsys.readouterr().out
+    assert "a0.json 30.00% against" in out and ": +20.00 (" in out and ": +0.00 (" in out
+    assert "paired by seed, over 2 seeds: +10.00 points" in out and "1 of 2 seeds higher" in out
+    monkeypatch.setattr(sys, "argv", ["seeds", *a])
+    with pytest.raises(SystemExit):  # Result files alone: nothing to pair with
+        seeds.main()
