@@ -37,11 +37,13 @@ def mean_interval(xs):
 
 
 def read_run(run_dir):
-    """A run's step 0 and last validation: {"seed", "step0", "last", "diff", "low", "high", "unparsable"}."""
+    """A run's step 0 and last validation, in points: {"step" (the last's), "step0", "last", "diff" with
+    its paired interval "low" to "high", "unparsable" (at step 0, at the last)}."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):
         raise SystemExit(f"{run_dir}: no log.jsonl (expected a run directory of reinforce.py)")
-    evals = [r for r in map(json.loads, open(path)) if r.get("kind") == "eval"]
+    with open(path) as f:
+        evals = [r for r in map(json.loads, f) if r.get("kind") == "eval"]
     if len(evals) < 2 or evals[0]["step"] != 0:
         raise SystemExit(f"{path}: expected a validation at step 0 and a later one, found steps "
                          f"{[r['step'] for r in evals]}")
